@@ -1,0 +1,43 @@
+// CPU kernel entry points (registered in kernels/bindings.cpp). One file per kernel family.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+
+namespace vllm_mla::cpu {
+
+// write_kv.cpp
+void write_kv(torch::Tensor& cache, const torch::Tensor& kv_nope, const torch::Tensor& k_rope,
+              const torch::Tensor& slot_mapping, int64_t layout, const torch::Tensor& k_scale);
+void read_kv(const torch::Tensor& cache, torch::Tensor& out, int64_t layout,
+             const torch::Tensor& k_scale);
+
+// decode.cpp
+void dense_decode(const torch::Tensor& q, const torch::Tensor& cache,
+                  const torch::Tensor& block_table, const torch::Tensor& seq_lens,
+                  torch::Tensor& out, torch::Tensor& lse, int64_t layout, double softmax_scale,
+                  bool causal, const torch::Tensor& k_scale,
+                  const std::optional<torch::Tensor>& workspace);
+
+// sparse_decode.cpp
+void sparse_decode(const torch::Tensor& q, const torch::Tensor& cache,
+                   const torch::Tensor& indices, const std::optional<torch::Tensor>& topk_length,
+                   const std::optional<torch::Tensor>& attn_sink,
+                   const std::optional<torch::Tensor>& extra_cache,
+                   const std::optional<torch::Tensor>& extra_indices,
+                   const std::optional<torch::Tensor>& extra_topk_length, torch::Tensor& out,
+                   torch::Tensor& lse, int64_t layout, double softmax_scale,
+                   const torch::Tensor& k_scale, const std::optional<torch::Tensor>& workspace);
+
+// sparse_prefill.cpp
+void sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
+                    const std::optional<torch::Tensor>& topk_length,
+                    const std::optional<torch::Tensor>& attn_sink, torch::Tensor& out,
+                    torch::Tensor& max_logits, torch::Tensor& lse, double softmax_scale);
+
+// isa.cpp: the instruction set the kernels dispatch to on this CPU ("amx", "avx512bf16", ...).
+std::string isa_name();
+
+}  // namespace vllm_mla::cpu
