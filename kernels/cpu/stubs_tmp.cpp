@@ -3,11 +3,6 @@
 #include "cpu/ops_cpu.h"
 
 namespace vllm_mla::cpu {
-void write_kv(torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-              int64_t, const torch::Tensor&) { TORCH_CHECK(false, "write_kv: not built yet"); }
-void read_kv(const torch::Tensor&, torch::Tensor&, int64_t, const torch::Tensor&) {
-  TORCH_CHECK(false, "read_kv: not built yet");
-}
 void dense_decode(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                   const torch::Tensor&, torch::Tensor&, torch::Tensor&, int64_t, double, bool,
                   const torch::Tensor&, const std::optional<torch::Tensor>&) {
