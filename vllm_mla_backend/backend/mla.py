@@ -1,0 +1,242 @@
+"""The vLLM attention backend for dense MLA (DeepSeek V2/V3/R1, Kimi K2) on our kernels.
+
+Three classes on top of vLLM's MLA scaffolding (``mla_attention.py``), which absorbs W_UK into
+the decode query and W_UV out of the latent output around ``forward_mqa``:
+
+* ``MLABackend``: what vLLM's selector and KV-cache allocator ask (dtypes, cache dtypes, block
+  sizes, head size 576).  Registered as ``CUSTOM`` and, when switched on, in vLLM's MLA slots.
+* ``MLAMetadataBuilder``: vLLM's decode/prefill split with uniform multi-token decode
+  (speculative verify rows go to decode, causal) and CUDA-graph support for uniform batches:
+  decode reads only ``block_table`` / ``seq_lens`` slices of vLLM's persistent buffers.
+* ``MLAImpl``:
+  - ``do_kv_cache_update``: ``ops.write_kv`` in the layout of ``--kv-cache-dtype``;
+  - ``forward_mqa`` (decode): ``ops.mla_decode``, s_q > 1 bottom-right causal;
+  - ``forward_mha`` (prefill, chunked and over a cached prefix): on CPU, latent-space MQA over
+    the paged cache after the KV write: ``ops.mla_decode`` with s_q = query length and
+    ``causal=True`` per prefill request, which is exactly "new tokens attend the cached context
+    plus the new tokens before them".  On CUDA, vLLM's MHA prefill (FlashInfer / FlashAttention
+    through its prefill backend, context gathered from the cache by vLLM's own kernels, which
+    read our BF16 / FP8 / fp8_ds_mla bytes: those layouts are vLLM's).
+
+vLLM imports stay in this module (loaded by vLLM's registry, never at package import).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.attention.mla_attention import (
+    MLACommonBackend,
+    MLACommonImpl,
+    MLACommonMetadata,
+    MLACommonMetadataBuilder,
+    QueryLenSupport,
+)
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, MultipleOf
+
+from .. import ops
+from ..layouts import D_V, KVLayout
+from .registration import kernel_impl
+
+# A child of vLLM's logger: vLLM configures its handlers and format in every process.
+logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
+
+HEAD_SIZE = 576
+BLOCK_SIZE_MULTIPLE = 16
+_startup_logged: set[tuple] = set()
+
+
+def layout_for(kv_cache_dtype: str, model_dtype: torch.dtype) -> KVLayout:
+    """The cache layout vLLM allocates for ``--kv-cache-dtype`` with a model of ``model_dtype``."""
+    layout = KVLayout.from_kv_cache_dtype(kv_cache_dtype, model_dtype)
+    if layout is KVLayout.MODEL1_FP8:
+        raise ValueError("kv_cache_dtype fp8_model1 is DeepSeek V4's cache, not a dense MLA one")
+    return layout
+
+
+def kernel_description(device_type: str) -> str:
+    return "torch reference" if kernel_impl() == "reference" else f"native {device_type}"
+
+
+class MLABackend(MLACommonBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16,
+                                                      torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = [
+        "auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_ds_mla"]
+
+    @staticmethod
+    def get_name() -> str:
+        # The enum member we are registered under: names are compared as strings and mapped
+        # back to the enum, whose CUSTOM entry resolves to this class.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["MLAImpl"]:
+        return MLAImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["MLAMetadataBuilder"]:
+        return MLAMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [HEAD_SIZE]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability is None or capability.major >= 8
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                             has_sink, use_sparse, use_mm_prefix, device_capability):
+        # Only the CUDA selector validates; float32 models are a CPU feature (exact tests).
+        if dtype == torch.float32:
+            return "float32 models run on CPU only (use bfloat16 or float16 on CUDA)"
+        return None
+
+
+class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.UNIFORM
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        layout = layout_for(cache_dtype, vllm_config.model_config.dtype)
+        block_size = kv_cache_spec.block_size
+        if block_size % BLOCK_SIZE_MULTIPLE:
+            raise ValueError(f"vllm-mla-backend: block size {block_size} is not a multiple of "
+                             f"{BLOCK_SIZE_MULTIPLE}")
+        impl = kernel_impl()
+        if impl is None:
+            from .. import build
+
+            build.load("cuda" if device.type == "cuda" else "cpu")  # fail at startup, not later
+        key = (str(device), cache_dtype, block_size)
+        if key not in _startup_logged:
+            _startup_logged.add(key)
+            logger.info("vllm-mla-backend active: kernels %s, kv-cache dtype %s -> layout %s "
+                        "(%d B/token), block size %d, prefill %s", kernel_description(device.type),
+                        cache_dtype, layout.name, layout.bytes_per_token, block_size,
+                        "vLLM MHA" if device.type == "cuda" else "latent MQA over the cache")
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        prefill = metadata.prefill
+        if prefill is not None:
+            # Per prefill request: total length (context + new tokens) on the device and the
+            # query lengths on the host (already there: no device sync).
+            first, last = metadata.num_decodes, metadata.num_reqs
+            prefill.seq_lens = common_attn_metadata.seq_lens[first:last]
+            qsl = common_attn_metadata.query_start_loc_cpu[first:last + 1]
+            prefill.query_lens = (qsl[1:] - qsl[:-1]).tolist()
+        return metadata
+
+
+class MLAImpl(MLACommonImpl[MLACommonMetadata]):
+    can_return_lse_for_decode: bool = False
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                 **mla_args) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type,
+                         kv_sharing_target_layer_name, **mla_args)
+        if any((alibi_slopes, sliding_window, logits_soft_cap)):
+            raise NotImplementedError("vllm-mla-backend: alibi slopes, sliding window and "
+                                      "logits soft cap are not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError("vllm-mla-backend: only decoder self-attention")
+        if head_size != HEAD_SIZE or self.kv_lora_rank != D_V:
+            raise NotImplementedError(f"vllm-mla-backend: needs kv_lora_rank 512 + rope 64 "
+                                      f"(head size 576), got {head_size}")
+        self.layout = layout_for(kv_cache_dtype, get_current_vllm_config().model_config.dtype)
+        self.kernel_impl = kernel_impl()
+        # Our kernels take the bf16/fp16/fp32 query and dequantize the cache themselves.
+        self.supports_quant_query_input = False
+        self.latent_prefill = not current_platform.is_cuda()
+        self._layer_ref = None
+
+    # --- KV write -------------------------------------------------------------------------
+    def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
+                           k_scale, skip_scale: bool = False) -> None:
+        # skip_scale (vLLM 0.33, positional) says k_scale == 1: the write is the same either way.
+        if kv_cache.numel() == 0:
+            return
+        ops.write_kv(kv_cache, kv_c_normed, k_pe, slot_mapping.flatten(), self.layout,
+                     k_scale=k_scale, impl=self.kernel_impl)
+
+    # --- decode ---------------------------------------------------------------------------
+    def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)
+        decode = attn_metadata.decode
+        num_tokens, num_heads, d_qk = q.shape
+        num_decodes = attn_metadata.num_decodes
+        s_q = num_tokens // num_decodes  # uniform decode batches (QueryLenSupport.UNIFORM)
+        if s_q * num_decodes != num_tokens:
+            raise ValueError(f"decode batch is not uniform: {num_tokens} tokens for "
+                             f"{num_decodes} requests")
+        out, _ = ops.mla_decode(q.view(num_decodes, s_q, num_heads, d_qk), kv_c_and_k_pe_cache,
+                                decode.block_table, decode.seq_lens, self.layout,
+                                softmax_scale=self.scale, causal=s_q > 1,
+                                k_scale=layer._k_scale, impl=self.kernel_impl)
+        return out.view(num_tokens, num_heads, D_V), None
+
+    # --- prefill --------------------------------------------------------------------------
+    def forward_mha(self, q, kv_c_normed, k_pe, kv_c_and_k_pe_cache, attn_metadata, k_scale,
+                    output, output_scale=None):
+        if not self.latent_prefill:
+            return super().forward_mha(q, kv_c_normed, k_pe, kv_c_and_k_pe_cache,
+                                       attn_metadata, k_scale, output, output_scale)
+        if output_scale is not None:
+            raise NotImplementedError("vllm-mla-backend: fused output quantization in prefill")
+        layer = self._layer()
+        prefill = attn_metadata.prefill
+        num_tokens = q.shape[0]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        # Absorb W_UK: (N, T, P) x (N, P, L) -> (N, T, L), stored token-major.
+        mqa_q = q.new_empty(num_tokens, self.num_heads, HEAD_SIZE)
+        torch.bmm(q_nope.transpose(0, 1), layer.W_UK_T,
+                  out=mqa_q[..., :self.kv_lora_rank].transpose(0, 1))
+        mqa_q[..., self.kv_lora_rank:] = q_pe
+        latent_out = q.new_empty(num_tokens, self.num_heads, D_V)
+        start = 0
+        for i, query_len in enumerate(prefill.query_lens):
+            end = start + query_len
+            # The cache already holds these tokens (do_kv_cache_update ran first): one causal
+            # bottom-right pass covers the cached prefix and the new tokens.
+            ops.mla_decode(mqa_q[start:end].unsqueeze(0), kv_c_and_k_pe_cache,
+                           prefill.block_table[i:i + 1], prefill.seq_lens[i:i + 1], self.layout,
+                           softmax_scale=self.scale, causal=True, k_scale=k_scale,
+                           impl=self.kernel_impl, out=latent_out[start:end].unsqueeze(0))
+            start = end
+        layer._v_up_proj(latent_out, out=output)
+
+    def _layer(self):
+        """The MLAAttention layer owning this impl (its W_UK_T / W_UV), found once.
+
+        ``forward_mha`` gets no ``layer`` argument; the layer registers itself in the forward
+        context's layer table, so look it up there (weakly: the layer owns us).
+        """
+        layer = self._layer_ref() if self._layer_ref is not None else None
+        if layer is None:
+            from vllm.forward_context import get_forward_context
+
+            for candidate in get_forward_context().no_compile_layers.values():
+                if getattr(candidate, "impl", None) is self:
+                    layer = candidate
+                    break
+            else:
+                raise RuntimeError("vllm-mla-backend: MLA layer of this impl not found")
+            self._layer_ref = weakref.ref(layer)
+        return layer
