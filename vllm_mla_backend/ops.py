@@ -23,10 +23,11 @@ import os
 import torch
 
 from . import reference
+from .decode_schedule import decode_workspace_size
 from .layouts import D_ROPE, D_V, KVLayout, as_layout
 
 __all__ = ["alloc_kv_cache", "write_kv", "read_kv", "mla_decode", "mla_sparse_decode",
-           "mla_sparse_prefill", "IMPLS"]
+           "mla_sparse_prefill", "decode_workspace_size", "IMPLS"]
 
 IMPLS = ("reference", "cpu", "cuda")
 _FP8_VIEW_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
@@ -269,12 +270,15 @@ def read_kv(cache, layout, k_scale=None, impl=None) -> torch.Tensor:
 # Dense paged decode
 # ------------------------------------------------------------------------------------------
 def mla_decode(q, cache, block_table, seq_lens, layout, softmax_scale=None, causal=False,
-               k_scale=None, impl=None, out=None):
+               k_scale=None, impl=None, out=None, workspace=None):
     """Dense paged MLA decode.
 
     q ``[b, s_q, h_q, d_qk]``; block_table ``[b, max_blocks]`` int32; seq_lens ``[b]`` int32.
     Returns ``out [b, s_q, h_q, 512]`` (q's dtype) and ``lse [b, h_q, s_q]`` float32 (natural
     log; +inf for an empty row).  ``causal`` aligns queries bottom-right (MTP / spec verify).
+    ``workspace``: optional uint8 scratch for the CUDA kernels of at least
+    ``decode_workspace_size(b, s_q, h_q, h_kv)`` bytes (CUDA graphs: reserve it once); without
+    it the CUDA path allocates one per call.  Ignored by the other impls.
     """
     layout = as_layout(layout)
     q = _query(q, layout.d_qk, 4)
@@ -302,7 +306,8 @@ def mla_decode(q, cache, block_table, seq_lens, layout, softmax_scale=None, caus
         return out, lse.float().contiguous()
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).dense_decode(q, raw, block_table, seq_lens, out, lse, layout.code,
-                                     scale, bool(causal), k_scale_t, None)
+                                     scale, bool(causal), k_scale_t,
+                                     workspace if impl == "cuda" else None)
     return out, lse
 
 

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(256) write_kv_kernel(const WriteParams p) {
     const float s = *p.k_scale;
     for (int d = lane; d < kNope + kDRope; d += 32) {
       const float x = (d < kNope ? nope(d) : rope(d - kNope)) / s;
-      rec[d] = to_e4m3(fminf(fmaxf(x, -kFp8Max), kFp8Max));
+      rec[d] = to_e4m3(x < -kFp8Max ? -kFp8Max : (x > kFp8Max ? kFp8Max : x));  // NaN stays
     }
   } else {
     // Tile-scaled e4m3 NoPE (V32: 4 tiles of 128; MODEL1: 7 tiles of 64), then bf16 RoPE.

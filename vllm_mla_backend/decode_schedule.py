@@ -1,0 +1,145 @@
+"""Split-KV schedule of the CUDA dense decode, in Python: workspace sizing and a mirror of the
+device metadata (``kernels/cuda/decode_schedule.h`` and ``schedule_kernel`` in
+``kernels/cuda/decode.cu``).
+
+Work is counted in units: one per tile of ``TILE_TOKENS`` tokens of a request plus
+``REQUEST_OVERHEAD`` per non-empty request.  Requests are laid end to end and cut into
+``num_parts`` equal runs; grid row ``part`` serves one run, and a request cut by run boundaries
+is computed in several splits merged by LSE.  Everything depends only on shapes and the number of
+SMs on the host side (the grid and the workspace size), and on ``seq_lens`` on the device side, so
+the decode needs no host sync and can be captured in a CUDA graph.
+
+vLLM reserves scratch memory before graph capture: ``decode_workspace_size`` gives the bytes for
+a batch shape, and ``ops.mla_decode(..., workspace=buf)`` uses a caller-owned buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROWS_PER_CTA = 32       # packed (s_q x heads per KV head) query rows per CTA
+TILE_TOKENS = 32        # KV tokens per main-loop iteration
+REQUEST_OVERHEAD = 4    # units charged per non-empty request (Q load, epilogue)
+HEADER_INTS = 4         # [units_per_part, total_units, 0, 0]
+D_V = 512
+
+
+def _round_up4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def ctas_per_part(s_q: int, h_q: int, h_kv: int) -> int:
+    rows = s_q * (h_q // h_kv)
+    return -(-rows // ROWS_PER_CTA) * h_kv
+
+
+def num_parts(s_q: int, h_q: int, h_kv: int, num_sms: int) -> int:
+    """Runs of work: one wave of CTAs over the SMs."""
+    return max(1, num_sms // ctas_per_part(s_q, h_q, h_kv))
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    """Offsets in 4-byte words: int32 metadata, then float32 partial LSEs and outputs."""
+    batch: int
+    s_q: int
+    h_q: int
+    parts: int
+
+    @property
+    def slots(self) -> int:  # each run boundary adds at most one split
+        return self.batch + self.parts
+
+    @property
+    def meta_words(self) -> int:
+        return _round_up4(HEADER_INTS + (self.batch + 1) + 2 * self.batch)
+
+    @property
+    def lse_offset(self) -> int:
+        return self.meta_words
+
+    @property
+    def o_offset(self) -> int:
+        return self.lse_offset + _round_up4(self.slots * self.s_q * self.h_q)
+
+    @property
+    def total_words(self) -> int:
+        return self.o_offset + self.slots * self.s_q * self.h_q * D_V
+
+
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+
+def decode_workspace_size(batch: int, s_q: int, h_q: int, h_kv: int = 1, num_sms: int | None = None,
+                          device=None) -> int:
+    """Bytes of scratch the CUDA dense decode needs for this shape (uint8 buffer, any content).
+
+    ``num_sms`` defaults to the SM count of ``device`` (the current CUDA device).
+    """
+    for name, v in (("batch", batch), ("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)):
+        if v < (0 if name == "batch" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == 'batch' else 1}, got {v}")
+    if h_q % h_kv:
+        raise ValueError(f"h_q ({h_q}) must be a multiple of h_kv ({h_kv})")
+    if num_sms is None:
+        num_sms = _num_sms(device if device is not None else torch.cuda.current_device())
+    parts = num_parts(s_q, h_q, h_kv, num_sms)
+    return WorkspaceLayout(batch, s_q, h_q, parts).total_words * 4
+
+
+@dataclass
+class Schedule:
+    """What ``schedule_kernel`` writes, and the request pieces each run computes."""
+    units_per_part: int
+    total_units: int
+    prefix: list[int]        # [batch + 1]: first unit of each request
+    num_splits: list[int]    # [batch]: 0 (empty), 1 (written directly) or more (combined)
+    split_begin: list[int]   # [batch]: first partial slot of each request
+
+    def pieces(self, part: int) -> list[tuple[int, int, int, int]]:
+        """(request, first tile, end tile, partial slot) computed by run ``part``."""
+        u0 = part * self.units_per_part
+        if u0 >= self.total_units:
+            return []
+        u1 = min(u0 + self.units_per_part, self.total_units)
+        out = []
+        for b in range(len(self.num_splits)):
+            if self.prefix[b] >= u1:
+                break
+            first, end = self.prefix[b] + REQUEST_OVERHEAD, self.prefix[b + 1]
+            j0, j1 = max(u0, first) - first, min(u1, end) - first
+            if j0 < j1:
+                slot = self.split_begin[b] + part - first // self.units_per_part
+                out.append((b, j0, j1, slot))
+        return out
+
+
+def schedule(seq_lens, max_tokens: int, parts: int) -> Schedule:
+    """The metadata for ``seq_lens`` (clamped to [0, max_tokens] as the kernel does)."""
+    units, prefix = [], [0]
+    for n in (int(x) for x in seq_lens):
+        tiles = -(-min(max(n, 0), max_tokens) // TILE_TOKENS)
+        units.append(tiles + REQUEST_OVERHEAD if tiles else 0)
+        prefix.append(prefix[-1] + units[-1])
+    total = prefix[-1]
+    per_part = max(1, -(-total // parts))
+    splits, begin, acc = [], [], 0
+    for b in range(len(units)):
+        first, end = prefix[b] + REQUEST_OVERHEAD, prefix[b + 1]
+        n = (end - 1) // per_part - first // per_part + 1 if end > first else 0
+        splits.append(n)
+        begin.append(acc)
+        acc += n
+    return Schedule(per_part, total, prefix, splits, begin)
+
+
+def read_schedule(workspace: torch.Tensor, batch: int) -> Schedule:
+    """Decode the metadata a CUDA dense decode left at the start of ``workspace``."""
+    words = workspace[: _round_up4(HEADER_INTS + 3 * batch + 1) * 4].cpu().view(torch.int32)
+    w = words.tolist()
+    p0 = HEADER_INTS
+    return Schedule(w[0], w[1], w[p0:p0 + batch + 1], w[p0 + batch + 1:p0 + 2 * batch + 1],
+                    w[p0 + 2 * batch + 1:p0 + 3 * batch + 1])
