@@ -1,0 +1,189 @@
+"""Sparse decode (DSA / MODEL1) and sparse prefill: the CPU kernels against the float64 reference.
+
+Caches are poisoned; indices mix valid slots (duplicates included) with -1, other negatives and
+slots past the cache's end; entries past topk_length point at poisoned tokens.  None of those may
+be read (SPEC section 3: ours, beyond FlashMLA, out-of-range indices are invalid, not dereferenced).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_mla_backend import ops, reference
+from vllm_mla_backend.layouts import KVLayout
+
+from cases import (SparseCase, assert_attention_close, assert_lse_close, poisoned_cache,
+                   sink_values, sparse_indices, tolerances)
+
+L = KVLayout
+
+
+def _lengths(b, topk, gen, zero_first=True):
+    length = torch.randint(0, topk + 1, (b,), generator=gen, dtype=torch.int32)
+    if zero_first:
+        length[0] = 0
+    length[-1] = topk
+    return length
+
+
+def sparse_case(layout, block_size, h_q, topk, b=2, s_q=1, num_slots=700, with_length=True,
+                sink=False, extra=None, max_valid=None, seed=0):
+    """extra: (block_size, topk, num_slots) of an extra cache in the same layout."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = poisoned_cache(layout, -(-num_slots // block_size), block_size)
+    topk_length = _lengths(b, topk, gen) if with_length else None
+    indices = sparse_indices(cache, layout, b, s_q, topk, gen, topk_length, max_valid=max_valid)
+    case = SparseCase(layout, (2.0 * torch.randn(b, s_q, h_q, layout.d_qk, generator=gen))
+                      .to(torch.bfloat16), cache, indices, topk_length)
+    if sink:
+        case.attn_sink = sink_values(h_q, gen)
+    if extra:
+        x_bs, x_topk, x_slots = extra
+        case.extra_cache = poisoned_cache(layout, -(-x_slots // x_bs), x_bs)
+        case.extra_topk_length = _lengths(b, x_topk, gen, zero_first=False)
+        case.extra_indices = sparse_indices(case.extra_cache, layout, b, s_q, x_topk, gen,
+                                            case.extra_topk_length)
+    return case
+
+
+def check(case, out=None, q=None):
+    if q is not None:
+        case = SparseCase(**{**case.__dict__, "q": q})
+    got_out, got_lse = case.run("cpu", out=out)
+    want_out, want_lse = case.expected()
+    assert got_lse.shape == want_lse.shape
+    assert_attention_close(got_out, got_lse, want_out, want_lse, case.max_abs_v())
+    return got_out, got_lse
+
+
+# (layout, block_size, h_q, topk, s_q, topk_length, sink, extra, max_valid)
+SPARSE_CASES = [
+    (L.V32_FP8, 64, 16, 64, 1, True, False, None, None),
+    (L.V32_FP8, 1, 128, 576, 2, False, True, (53, 64, 300), None),
+    (L.V32_FP8, 64, 64, 2048, 1, True, False, None, 300),
+    (L.MODEL1_FP8, 256, 64, 64, 2, False, True, (64, 576, 900), None),
+    (L.MODEL1_FP8, 64, 128, 2048, 1, True, True, None, 500),
+    (L.MODEL1_FP8, 2, 16, 576, 1, True, False, None, None),
+    (L.BF16, 16, 64, 576, 1, False, True, None, None),
+    (L.BF16, 69, 16, 2048, 2, True, False, (1, 64, 50), 100),
+    (L.BF16, 64, 128, 64, 2, True, True, None, None),
+]
+
+
+def _id(p):
+    layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = p
+    return (f"{layout.name}-B{bs}-hq{h_q}-topk{topk}-sq{s_q}" + ("-len" if length else "")
+            + ("-sink" if sink else "") + (f"-extraB{extra[0]}k{extra[1]}" if extra else "")
+            + (f"-valid{max_valid}" if max_valid else ""))
+
+
+@pytest.mark.parametrize("params", SPARSE_CASES, ids=_id)
+def test_sparse_decode(params, cpu_kernels):
+    layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = params
+    case = sparse_case(layout, bs, h_q, topk, b=3, s_q=s_q, with_length=length, sink=sink,
+                       extra=extra, max_valid=max_valid, seed=bs + topk)
+    check(case)
+
+
+@pytest.mark.parametrize("layout", [L.V32_FP8, L.MODEL1_FP8, L.BF16], ids=lambda l: l.name)
+def test_all_invalid_rows(layout, cpu_kernels):
+    """Rows with only -1 / out-of-range entries, or topk_length 0: out 0, lse +inf; with an
+    extra cache the union decides (main empty, extra not)."""
+    case = sparse_case(layout, 64, 16, 64, b=3, s_q=2, with_length=True, sink=True,
+                       extra=(16, 32, 200), seed=3)
+    n = case.cache.shape[0] * case.cache.shape[1]
+    case.indices[0] = -1
+    case.indices[1, 0] = torch.tensor([n, 2**31 - 1, -7, -1] * 16, dtype=torch.int32)
+    case.extra_topk_length[0] = 0
+    case.extra_indices[1, 0] = -1
+    case.extra_indices[2, 1] = 10**6
+    case.topk_length[2] = 0
+    out, lse = check(case)
+    assert torch.isposinf(lse[0]).all() and (out[0] == 0).all()
+    assert torch.isposinf(lse[1, :, 0]).all() and torch.isposinf(lse[2, :, 1]).all()
+    assert torch.isfinite(lse[2, :, 0]).all()
+
+
+def test_sink_infinities(cpu_kernels):
+    """+inf sink zeroes the head, -inf leaves it as without a sink; lse never includes it."""
+    case = sparse_case(L.V32_FP8, 64, 16, 64, b=2, with_length=False, sink=True, seed=4)
+    out, lse = check(case)
+    plain = SparseCase(**{**case.__dict__, "attn_sink": None})
+    out_plain, lse_plain = plain.run("cpu")
+    assert (out[:, :, 0] == 0).all()                              # sink[0] = +inf
+    assert torch.equal(out[:, :, 8], out_plain[:, :, 8])          # sink[h_q // 2] = -inf
+    assert torch.equal(lse, lse_plain)
+
+
+def test_noncontiguous_q_and_out(cpu_kernels):
+    case = sparse_case(L.MODEL1_FP8, 64, 64, 64, b=2, s_q=2, seed=5)
+    b, s_q, h_q, d = case.q.shape
+    q = torch.empty(b, h_q, s_q, d + 64, dtype=torch.bfloat16)[..., :d].transpose(1, 2)
+    q.copy_(case.q)
+    out = torch.empty(s_q, b, h_q, 520, dtype=torch.bfloat16)[..., :512].transpose(0, 1)
+    got, _ = check(case, out=out, q=q)
+    assert got.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("layout", [L.V32_FP8, L.MODEL1_FP8], ids=lambda l: l.name)
+def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
+    case = sparse_case(layout, 64, 64, 2048, b=2, s_q=2, num_slots=4000, sink=True,
+                       extra=(64, 512, 1000), seed=6)
+    torch.set_num_threads(2)
+    first, again = case.run("cpu"), case.run("cpu")
+    torch.set_num_threads(1)
+    single = case.run("cpu")
+    for a, b in ((first, again), (first, single)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ------------------------------------------------------------------------------------------
+# Sparse prefill
+# ------------------------------------------------------------------------------------------
+def prefill_case(d_qk, s_q, h_q, s_kv, topk, seed, with_length=True, sink=False):
+    """kv rows not referenced by a valid index are NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, s_kv, (s_q, 1, topk), generator=gen, dtype=torch.int32)
+    bad = torch.tensor([-1, -5, s_kv, s_kv + 100, 2**31 - 1], dtype=torch.int32)
+    invalid = torch.rand(s_q, 1, topk, generator=gen) < 0.3
+    indices = torch.where(invalid, bad[torch.randint(0, 5, indices.shape, generator=gen)], indices)
+    topk_length = _lengths(s_q, topk, gen) if with_length else None
+    used = (indices >= 0) & (indices < s_kv)
+    if topk_length is not None:
+        used &= torch.arange(topk)[None, None, :] < topk_length[:, None, None]
+    kv = torch.full((s_kv, 1, d_qk), math.nan, dtype=torch.bfloat16)
+    rows = torch.unique(indices[used]).long()
+    kv[rows] = torch.randn(len(rows), 1, d_qk, generator=gen).to(torch.bfloat16)
+    q = (2.0 * torch.randn(s_q, h_q, d_qk, generator=gen)).to(torch.bfloat16)
+    sink_t = sink_values(h_q, gen) if sink else None
+    return q, kv, indices, topk_length, sink_t
+
+
+@pytest.mark.parametrize("d_qk,s_q,h_q,s_kv,topk,length,sink", [
+    (576, 5, 16, 300, 64, True, False),
+    (512, 3, 64, 700, 576, True, True),
+    (576, 2, 128, 1000, 2048, False, True),
+    (512, 4, 16, 50, 2048, True, False),       # topk far above s_kv
+])
+def test_sparse_prefill(d_qk, s_q, h_q, s_kv, topk, length, sink, cpu_kernels):
+    q, kv, indices, topk_length, sink_t = prefill_case(d_qk, s_q, h_q, s_kv, topk,
+                                                       seed=d_qk + topk, with_length=length,
+                                                       sink=sink)
+    scale = d_qk ** -0.5
+    out, max_logits, lse = ops.mla_sparse_prefill(q, kv, indices, scale, attn_sink=sink_t,
+                                                  topk_length=topk_length, impl="cpu")
+    want_out, want_max, want_lse = reference.mla_sparse_prefill(q, kv, indices, scale, sink_t,
+                                                                topk_length)
+    assert out.shape == (s_q, h_q, 512) and out.dtype == torch.bfloat16
+    assert max_logits.dtype == lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert_lse_close(lse, want_lse)
+    empty = torch.isposinf(want_lse)
+    assert torch.isneginf(max_logits[empty]).all() and (out[empty] == 0).all()
+    torch.testing.assert_close(max_logits[~empty].double(), want_max[~empty], rtol=1e-3, atol=1e-3)
+    v_max = float(torch.nan_to_num(kv[..., :512].float(), nan=0).abs().max())
+    atol_frac, rtol = tolerances(out.dtype)
+    torch.testing.assert_close(out.double(), want_out, atol=atol_frac * v_max, rtol=rtol)
