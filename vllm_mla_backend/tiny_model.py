@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2   # bump when the output changes for the same spec
 CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 STAMP = "tiny_model.json"
 
@@ -44,7 +44,7 @@ BOS, EOS = "<|begin▁of▁sentence|>", "<|end▁of▁sentence|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -1,0 +1,143 @@
+"""Helpers of the end-to-end tests: engine runs in subprocesses, prompts, the HF oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("engine_worker.py")
+ENGINE_TIMEOUT_S = 900
+ENV_VAR = "VLLM_MLA_BACKEND"
+# The worker binds its memory to one NUMA node; vLLM's default KV-cache fraction does not fit.
+BASE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class EngineFailed(RuntimeError):
+    def __init__(self, returncode: int, log: str):
+        self.returncode, self.log = returncode, log
+        tail = "\n".join(log.splitlines()[-60:])
+        super().__init__(f"engine worker exited with {returncode}:\n{tail}")
+
+
+def run_engine(model: Path, *, backend: str | None, llm: dict, waves: list[dict],
+               env: dict[str, str] | None = None) -> dict:
+    """Start one engine in a fresh process (``backend``: the VLLM_MLA_BACKEND value, None for
+    unset), run the generation waves, return the worker's JSON result (plus its log)."""
+    request = {"model": str(model), "env": {**BASE_ENV, **(env or {})}, "llm": llm,
+               "waves": waves, "unset_env": [] if backend is not None else [ENV_VAR]}
+    if backend is not None:
+        request["env"][ENV_VAR] = backend
+    with tempfile.TemporaryDirectory(prefix="vllm-mla-e2e-") as tmp:
+        req, res = Path(tmp, "request.json"), Path(tmp, "result.json")
+        req.write_text(json.dumps(request))
+        child_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+        proc = subprocess.run([sys.executable, str(WORKER), str(req), str(res)], env=child_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=ENGINE_TIMEOUT_S)
+        if proc.returncode != 0 or not res.exists():
+            raise EngineFailed(proc.returncode, proc.stdout)
+        result = json.loads(res.read_text())
+    result["log"] = proc.stdout
+    return result
+
+
+# --- prompts: chunked prefill + a shared prefix ----------------------------------------------
+
+CHUNK_TOKENS = 64        # max_num_batched_tokens: every prompt here but one spans several chunks
+PREFIX_TOKENS = 200      # shared by most prompts: more than one KV block (vLLM's CPU default: 128)
+MAX_TOKENS = 16
+TOP_LOGPROBS = 5
+
+
+def _random_ids(gen: torch.Generator, n: int, vocab: int, first_id: int) -> list[int]:
+    return torch.randint(first_id, vocab, (n,), generator=gen).tolist()
+
+
+def chunked_prefix_waves(vocab_size: int, *, first_id: int = 5, seed: int = 0) -> list[dict]:
+    """Wave 1 fills the prefix cache with one prompt; wave 2 reuses the prefix (suffixes of
+    different lengths) next to unrelated prompts, batched together, greedy with top-k logprobs."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: _random_ids(gen, n, vocab_size, first_id)  # noqa: E731
+    prefix = ids(PREFIX_TOKENS)
+    bos = [0]
+    wave1 = [bos + prefix + ids(40)]
+    wave2 = [bos + prefix + ids(100), bos + prefix + ids(3), bos + ids(150), bos + ids(10)]
+    sampling = {"max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS, "ignore_eos": True}
+    return [{"prompts": wave1, "sampling": sampling}, {"prompts": wave2, "sampling": sampling}]
+
+
+def engine_kwargs(dtype: str, **extra) -> dict:
+    """Chunked prefill with a small token budget and prefix caching, for every engine here."""
+    return {"dtype": dtype, "max_model_len": 1024, "max_num_batched_tokens": CHUNK_TOKENS,
+            "max_num_seqs": 8, "enable_chunked_prefill": True, "enable_prefix_caching": True,
+            "seed": 0, **extra}
+
+
+def flat_requests(waves: list[dict], result: dict) -> list[tuple[list[int], dict]]:
+    """[(prompt ids, output dict)] over every wave."""
+    return [(prompt, out) for wave, res in zip(waves, result["waves"])
+            for prompt, out in zip(wave["prompts"], res["outputs"])]
+
+
+# --- the HF transformers oracle ----------------------------------------------------------------
+
+class HFReference:
+    """Teacher-forced float32 log-probabilities from HF transformers (eager attention)."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+    @torch.no_grad()
+    def logprobs(self, prompt: list[int], generated: list[int]) -> torch.Tensor:
+        """[len(generated), vocab]: log-softmax at each position that produced a token."""
+        ids = torch.tensor([prompt + generated[:-1]])
+        logits = self.model(ids).logits[0, len(prompt) - 1:].float()
+        return torch.log_softmax(logits, dim=-1)
+
+
+@dataclass
+class Comparison:
+    max_abs: float           # over every logprob vLLM reported (sampled + top-k)
+    mean_abs: float
+    sampled_max_abs: float   # over the sampled tokens only
+    argmax_mismatches: list  # (request, step, vllm token, hf argmax, hf margin top1-top2)
+    tokens: int
+
+    def summary(self) -> str:
+        return (f"max |dlogprob| {self.max_abs:.2e} (sampled tokens {self.sampled_max_abs:.2e}), "
+                f"mean {self.mean_abs:.2e} over {self.tokens} steps, "
+                f"{len(self.argmax_mismatches)} greedy tokens differ from HF argmax")
+
+
+def compare_to_hf(hf: HFReference, requests: list[tuple[list[int], dict]]) -> Comparison:
+    diffs, sampled, mismatches, steps = [], [], [], 0
+    for r, (prompt, out) in enumerate(requests):
+        ref = hf.logprobs(prompt, out["token_ids"])
+        for step, (token, reported) in enumerate(zip(out["token_ids"], out["logprobs"])):
+            steps += 1
+            for tok, lp in reported.items():
+                d = abs(lp - ref[step, int(tok)].item())
+                diffs.append(d)
+                if int(tok) == token:
+                    sampled.append(d)
+            top2 = ref[step].topk(2)
+            if top2.indices[0].item() != token:
+                mismatches.append((r, step, token, top2.indices[0].item(),
+                                   (top2.values[0] - top2.values[1]).item()))
+    d = torch.tensor(diffs, dtype=torch.float64)
+    return Comparison(d.max().item(), d.mean().item(), max(sampled), mismatches, steps)
+
+
+def served_by_us(result: dict) -> bool:
+    """Every attention layer ran our impl (``backends``: ``NAME:impl.module.Class``)."""
+    impls = [b.split(":", 1)[1] for b in result["backends"]]
+    return bool(impls) and all(i.startswith("vllm_mla_backend.") for i in impls)

