@@ -1,0 +1,246 @@
+// Split-KV attention driver (see attention.h): work items, per-chunk load / scores / online
+// softmax (exp2 domain, fp32 state) / P.V through the ISA's micro-kernels, LSE merge, outputs.
+#include "cpu/attention.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/micro_kernels.h"
+
+namespace vllm_mla::cpu {
+namespace {
+
+constexpr int kChunk = 32;  // tokens per micro-kernel call (the kernels assume this)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Tokens per split: a function of the total work only (deterministic), small enough that a
+// single long request spreads over every core, large enough to amortize the merge.
+int64_t split_tokens(int64_t total_tokens) {
+  const int64_t target = (total_tokens / 128 + 255) / 256 * 256;
+  return std::clamp<int64_t>(target, 256, 8192);
+}
+
+bool computes_in_bf16(const AttentionParams& p, Isa isa) {
+  if (isa < Isa::kAvx512Bf16 || p.q_dtype != c10::ScalarType::BFloat16) return false;
+  // bf16 holds these caches' values exactly (FP8: e4m3 x power-of-two scale)
+  return p.layout == Layout::BF16 || p.layout == Layout::FP8 || p.layout == Layout::V32_FP8 ||
+         p.layout == Layout::MODEL1_FP8;
+}
+
+template <typename T>
+void load_query(const void* src, int d, float* dst) {
+  const T* x = static_cast<const T*>(src);
+  for (int i = 0; i < d; ++i) dst[i] = static_cast<float>(x[i]);
+}
+
+void query_f32(c10::ScalarType t, const void* src, int d, float* dst) {
+  switch (t) {
+    case c10::ScalarType::BFloat16: return load_query<c10::BFloat16>(src, d, dst);
+    case c10::ScalarType::Half: return load_query<c10::Half>(src, d, dst);
+    default: return load_query<float>(src, d, dst);
+  }
+}
+
+template <typename T>
+void store_row(const float* x, float mult, void* dst) {
+  T* o = static_cast<T*>(dst);
+  for (int i = 0; i < kDV; ++i) o[i] = static_cast<T>(x[i] * mult);
+}
+
+// Final output of one row from its unnormalized state (max in the log2 domain).
+void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, float max2,
+                  float sum) {
+  const bool empty = !(sum > 0.f) || max2 == -kInf;
+  float mult = 0.f;
+  if (empty) {
+    *io.lse = kInf;
+    if (io.max_logit) *io.max_logit = -kInf;
+  } else {
+    const float lse = (max2 + std::log2(sum)) * kLn2;
+    *io.lse = lse;
+    if (io.max_logit) *io.max_logit = max2 * kLn2;
+    mult = (p.layout == Layout::FP8 ? p.k_scale : 1.f) / sum;
+    if (io.has_sink) mult *= 1.f / (1.f + std::exp(io.sink - lse));  // +inf sink: 0
+  }
+  switch (p.q_dtype) {
+    case c10::ScalarType::BFloat16: return store_row<c10::BFloat16>(acc, mult, io.out);
+    case c10::ScalarType::Half: return store_row<c10::Half>(acc, mult, io.out);
+    default: return store_row<float>(acc, mult, io.out);
+  }
+}
+
+struct WorkItem {
+  int64_t group, begin, end;
+  int64_t partial;  // row offset of the split's partial state, -1 for a group of one split
+};
+
+// Per-thread buffers of one work item.
+struct Scratch {
+  std::vector<float> qf, kf, s, max2, sum, acc;
+  std::vector<uint16_t> qb, kb, vp, p16;
+  std::vector<int> row_len;
+  std::vector<RowIO> rows;
+  Scratch(int m, int d, bool bf16)
+      : s(size_t(m) * kChunk), max2(m), sum(m), acc(size_t(m) * kDV), row_len(m), rows(m) {
+    if (bf16) {
+      qb.resize(size_t(m) * d);
+      kb.resize(size_t(kChunk) * d);
+      vp.resize(size_t(kChunk) * kDV);
+      p16.resize(size_t(m) * kChunk);
+    } else {
+      qf.resize(size_t(m) * d);
+      kf.resize(size_t(kChunk) * d);
+    }
+  }
+};
+
+class Runner {
+ public:
+  Runner(const AttentionParams& p, const AttentionTask& task)
+      : p_(p), task_(task), isa_(active_isa()), mk_(micro_kernels(isa_)),
+        bf16_(computes_in_bf16(p, isa_)) {
+    scale2_ = p.softmax_scale * kLog2e * (p.layout == Layout::FP8 ? p.k_scale : 1.f);
+  }
+
+  void run() {
+    const int64_t groups = task_.num_groups();
+    int64_t total = 0;
+    for (int64_t g = 0; g < groups; ++g) total += task_.num_tokens(g);
+    const int64_t split = split_tokens(total);
+    std::vector<WorkItem> items;
+    struct Merge { int64_t group, first, count; };  // the items of a split group
+    std::vector<Merge> merges;
+    int64_t partial_rows = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t n = task_.num_tokens(g);
+      if (n <= split) {
+        items.push_back({g, 0, n, -1});
+        continue;
+      }
+      const int64_t first = int64_t(items.size());
+      for (int64_t b = 0; b < n; b += split, partial_rows += p_.rows)
+        items.push_back({g, b, std::min(n, b + split), partial_rows});
+      merges.push_back({g, first, int64_t(items.size()) - first});
+    }
+    part_acc_.resize(size_t(partial_rows) * kDV);
+    part_max_.resize(partial_rows);
+    part_sum_.resize(partial_rows);
+
+    for_each_dynamic(int64_t(items.size()), [&](Scratch& sc, int64_t i) { process(sc, items[i]); });
+    for_each_dynamic(int64_t(merges.size()), [&](Scratch& sc, int64_t i) {
+      merge(sc, merges[i].group, items.data() + merges[i].first, merges[i].count);
+    });
+  }
+
+ private:
+  // Items are claimed dynamically (uneven lengths); each is computed independently, so the
+  // result does not depend on which thread ran it.
+  template <typename F>
+  void for_each_dynamic(int64_t count, const F& fn) {
+    if (count == 0) return;
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(p_.rows, p_.d_qk, bf16_);
+      for (int64_t w = begin; w < end; ++w)
+        for (int64_t i; (i = next.fetch_add(1)) < count;) fn(sc, i);
+    });
+  }
+
+  void process(Scratch& sc, const WorkItem& it) {
+    const int m = p_.rows, d = p_.d_qk;
+    for (int r = 0; r < m; ++r) {
+      sc.rows[r] = task_.row(it.group, r);
+      if (bf16_) {
+        std::memcpy(sc.qb.data() + size_t(r) * d, sc.rows[r].q, size_t(d) * 2);
+      } else {
+        query_f32(p_.q_dtype, sc.rows[r].q, d, sc.qf.data() + size_t(r) * d);
+      }
+    }
+    std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
+    std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
+    std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+    TokenRef refs[kChunk];
+    uint8_t valid[kChunk];
+    const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
+    for (int64_t j0 = it.begin; j0 < it.end; j0 += kChunk) {
+      const int n = int(std::min<int64_t>(kChunk, it.end - j0));
+      bool any = false;
+      for (int r = 0; r < m; ++r) {
+        sc.row_len[r] = int(std::clamp<int64_t>(sc.rows[r].limit - j0, 0, n));
+        any |= sc.row_len[r] > 0;
+      }
+      if (!any) continue;  // causal: no row reaches this chunk
+      task_.gather(it.group, j0, n, refs);
+      for (int i = n; i < kChunk; ++i) refs[i] = {nullptr, nullptr};
+      for (int i = 0; i < kChunk; ++i) valid[i] = refs[i].data != nullptr;
+      if (bf16_) {
+        mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
+        mk_.scores_bf16(sc.qb.data(), m, sc.kb.data(), kChunk, d, sc.s.data());
+        mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, sc.p16.data());
+        mk_.pv_bf16(sc.p16.data(), m, kChunk, sc.vp.data(), sc.acc.data());
+      } else {
+        mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
+        mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());
+        mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, nullptr);
+        mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, sc.acc.data());
+      }
+    }
+    if (it.partial < 0) {
+      for (int r = 0; r < m; ++r)
+        finalize_row(p_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, sc.max2[r], sc.sum[r]);
+      return;
+    }
+    std::memcpy(part_acc_.data() + size_t(it.partial) * kDV, sc.acc.data(),
+                sizeof(float) * m * kDV);
+    std::memcpy(part_max_.data() + it.partial, sc.max2.data(), sizeof(float) * m);
+    std::memcpy(part_sum_.data() + it.partial, sc.sum.data(), sizeof(float) * m);
+  }
+
+  // Combine the `splits` partial states of `group` by their LSE, in split order.
+  void merge(Scratch& sc, int64_t group, const WorkItem* first, int64_t splits) {
+    for (int r = 0; r < p_.rows; ++r) {
+      float mx = -kInf;
+      for (int i = 0; i < splits; ++i) mx = std::max(mx, part_max_[first[i].partial + r]);
+      float* acc = sc.acc.data();
+      std::fill(acc, acc + kDV, 0.f);
+      float sum = 0.f;
+      if (mx != -kInf) {
+        for (int i = 0; i < splits; ++i) {
+          const int64_t row = first[i].partial + r;
+          if (part_max_[row] == -kInf) continue;
+          const float w = std::exp2(part_max_[row] - mx);
+          sum += part_sum_[row] * w;
+          const float* src = part_acc_.data() + size_t(row) * kDV;
+          for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
+        }
+      }
+      finalize_row(p_, task_.row(group, r), acc, mx, sum);
+    }
+  }
+
+  const AttentionParams& p_;
+  const AttentionTask& task_;
+  const Isa isa_;
+  const MicroKernels& mk_;
+  const bool bf16_;
+  float scale2_;
+  std::vector<float> part_acc_, part_max_, part_sum_;
+};
+
+}  // namespace
+
+void run_attention(const AttentionParams& params, const AttentionTask& task) {
+  Runner(params, task).run();
+}
+
+}  // namespace vllm_mla::cpu

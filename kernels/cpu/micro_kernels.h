@@ -1,0 +1,44 @@
+// The inner loops of the attention core, one table per instruction set (torch-free: see
+// kv_load.h). A chunk holds N tokens (N even); Q [M][D], K [N][D] and S/P [M][N] are dense.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+#include "cpu/kv_load.h"
+
+namespace vllm_mla::cpu {
+
+struct SoftmaxState {
+  float* max2;  // [M] running max of the log2-domain logits (-inf: nothing seen yet)
+  float* sum;   // [M] running sum of exp2(logit - max2)
+  float* acc;   // [M][kDV] unnormalized output, rescaled here when the max moves
+};
+
+struct MicroKernels {
+  // float32 compute: K rows decoded to float (FP8: unscaled e4m3, the per-tensor scale is
+  // folded into the logits and the output); invalid tokens become zero rows.
+  void (*load_f32)(Layout layout, int d, const TokenRef* refs, int n, float* k);
+  void (*scores_f32)(const float* q, int m, const float* k, int n, int d, float* s);
+  void (*pv_f32)(const float* p, int m, int n, const float* k, int d, float* acc);
+
+  // bf16 compute (nullptr below AVX-512 BF16): K rows as bf16 plus V repacked in token pairs,
+  // vp[n/2][kDV][2], the VNNI order of vdpbf16ps / AMX.
+  void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp);
+  void (*scores_bf16)(const uint16_t* q, int m, const uint16_t* k, int n, int d, float* s);
+  void (*pv_bf16)(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc);
+
+  // Online softmax over one chunk: s [M][N] raw dot products -> probabilities (in place, and as
+  // bf16 into p16 when given). Entry (r, j) counts iff valid[j] and j < row_len[r].
+  void (*softmax)(float* s, int m, int n, const uint8_t* valid, const int* row_len, float scale2,
+                  SoftmaxState st, uint16_t* p16);
+};
+
+const MicroKernels& micro_kernels(Isa isa);
+
+const MicroKernels& micro_kernels_scalar();
+const MicroKernels& micro_kernels_avx2();
+const MicroKernels& micro_kernels_avx512();
+const MicroKernels& micro_kernels_amx();
+
+}  // namespace vllm_mla::cpu

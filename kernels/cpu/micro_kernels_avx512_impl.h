@@ -1,0 +1,200 @@
+// AVX-512 BF16 micro-kernels (see micro_kernels.h). Included by micro_kernels_avx512.cpp and
+// micro_kernels_amx.cpp inside their `#pragma GCC target` regions (the AMX table reuses the
+// loader and the softmax); every function is static, so each includer gets its own copy.
+#pragma once
+
+#include <immintrin.h>
+
+#include "cpu/micro_kernels.h"
+
+namespace vllm_mla::cpu::avx512 {
+
+// 2^x for x <= 128; x = -inf (or anything below -160) gives 0.
+static inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(128.f)), _mm512_set1_ps(-160.f));
+  const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, whole);  // [-0.5, 0.5]: Taylor series of e^(f ln2), deg 7
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+// 16 e4m3 bytes -> 16 floats times `scale` (exact; e4m3 NaN stays NaN).
+static inline __m512 e4m3x16_to_f32(const uint8_t* src, __m512 scale) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  __m512 f = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(mag, 20), sign));
+  f = _mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(0x1p120f)), scale);
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+  return _mm512_mask_mov_ps(f, nan, _mm512_set1_ps(__builtin_nanf("")));
+}
+
+// `count` (multiple of 32) e4m3 -> bf16 with one multiplier.
+static inline void e4m3_to_bf16(const uint8_t* src, int count, float scale, uint16_t* dst) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < count; i += 32) {
+    const __m512 lo = e4m3x16_to_f32(src + i, s), hi = e4m3x16_to_f32(src + i + 16, s);
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+static inline void copy_u16(const void* src, int count, uint16_t* dst) {
+  for (int i = 0; i < count; i += 32)
+    _mm512_storeu_si512(dst + i, _mm512_loadu_si512(static_cast<const uint16_t*>(src) + i));
+}
+
+static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
+  if (!ref.data) {
+    for (int i = 0; i < d; i += 32) _mm512_storeu_si512(k + i, _mm512_setzero_si512());
+    return;
+  }
+  const uint8_t* p = ref.data;
+  switch (layout) {
+    case Layout::FP8:
+      e4m3_to_bf16(p, d, 1.f, k);
+      return;
+    case Layout::V32_FP8:
+      for (int t = 0; t < 4; ++t)
+        e4m3_to_bf16(p + t * kV32Tile, kV32Tile, v32_tile_scale(p, t), k + t * kV32Tile);
+      copy_u16(p + kV32RopeOffset, kDRope, k + 512);
+      return;
+    case Layout::MODEL1_FP8:
+      for (int t = 0; t < kModel1NumTiles; ++t)
+        e4m3_to_bf16(p + t * kModel1Tile, kModel1Tile, ue8m0_to_float(ref.scale[t]),
+                     k + t * kModel1Tile);
+      copy_u16(p + kModel1DNope, kDRope, k + kModel1DNope);
+      return;
+    default:  // BF16 (the only other layout computed in bf16)
+      copy_u16(p, d, k);
+      return;
+  }
+}
+
+// vp[j/2][i][2] = (k[j][i], k[j+1][i]) for i < kDV.
+static void pack_v_pairs(const uint16_t* k, int n, int d, uint16_t* vp) {
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                          32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int j = 0; j < n; j += 2) {
+    const uint16_t* a = k + int64_t(j) * d;
+    const uint16_t* b = a + d;
+    uint16_t* out = vp + int64_t(j / 2) * kDV * 2;
+    for (int i = 0; i < kDV; i += 32) {
+      const __m512i va = _mm512_loadu_si512(a + i), vb = _mm512_loadu_si512(b + i);
+      _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(va, lo_idx, vb));
+      _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+    }
+  }
+}
+
+static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
+                      uint16_t* vp) {
+  for (int j = 0; j < n; ++j) decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
+  pack_v_pairs(k, n, d, vp);
+}
+
+// s[r][j] = q[r] . k[j]; 4 heads x 4 tokens per register block (d multiple of 32, n of 4).
+static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int n, int d, float* s) {
+  for (int r0 = 0; r0 < m; r0 += 4) {
+    const int rn = m - r0 < 4 ? m - r0 : 4;
+    for (int j0 = 0; j0 < n; j0 += 4) {
+      __m512 acc[4][4];
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_setzero_ps();
+      for (int i = 0; i < d; i += 32) {
+        __m512bh kv[4];
+        for (int b = 0; b < 4; ++b)
+          kv[b] = (__m512bh)_mm512_loadu_si512(k + int64_t(j0 + b) * d + i);
+        for (int a = 0; a < 4; ++a) {
+          const __m512bh qv =
+              (__m512bh)_mm512_loadu_si512(q + int64_t(r0 + (a < rn ? a : 0)) * d + i);
+          for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], qv, kv[b]);
+        }
+      }
+      for (int a = 0; a < rn; ++a)
+        for (int b = 0; b < 4; ++b) s[int64_t(r0 + a) * n + j0 + b] = _mm512_reduce_add_ps(acc[a][b]);
+    }
+  }
+}
+
+// acc[r][:] += sum_j p[r][j] v[j][:] for H heads at once (v as token pairs).
+template <int H>
+static void pv_block(const uint16_t* p, int n, const uint16_t* vp, float* acc) {
+  for (int c = 0; c < kDV; c += 16) {
+    __m512 o[H];
+    for (int h = 0; h < H; ++h) o[h] = _mm512_loadu_ps(acc + int64_t(h) * kDV + c);
+    for (int j = 0; j < n / 2; ++j) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(vp + (int64_t(j) * kDV + c) * 2);
+      for (int h = 0; h < H; ++h) {
+        int32_t pair;
+        __builtin_memcpy(&pair, p + int64_t(h) * n + 2 * j, 4);
+        o[h] = _mm512_dpbf16_ps(o[h], (__m512bh)_mm512_set1_epi32(pair), v);
+      }
+    }
+    for (int h = 0; h < H; ++h) _mm512_storeu_ps(acc + int64_t(h) * kDV + c, o[h]);
+  }
+}
+
+static void pv_bf16(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc) {
+  int r = 0;
+  for (; r + 8 <= m; r += 8) pv_block<8>(p + int64_t(r) * n, n, vp, acc + int64_t(r) * kDV);
+  for (; r < m; ++r) pv_block<1>(p + int64_t(r) * n, n, vp, acc + int64_t(r) * kDV);
+}
+
+// Online softmax (see micro_kernels.h); n is a multiple of 16 and at most 32.
+static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row_len,
+                    float scale2, SoftmaxState st, uint16_t* p16) {
+  uint32_t valid_bits = 0;
+  for (int j = 0; j < n; ++j) valid_bits |= uint32_t(valid[j] != 0) << j;
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 scale = _mm512_set1_ps(scale2);
+  for (int r = 0; r < m; ++r) {
+    float* row = s + int64_t(r) * n;
+    const uint32_t len_bits = row_len[r] >= 32 ? ~0u : (1u << row_len[r]) - 1u;
+    const uint32_t bits = valid_bits & len_bits;
+    __m512 x[2];
+    __m512 mx = neg_inf;
+    for (int c = 0; c < n / 16; ++c) {
+      x[c] = _mm512_mask_mul_ps(neg_inf, __mmask16(bits >> (16 * c)), _mm512_loadu_ps(row + 16 * c),
+                                scale);
+      mx = _mm512_max_ps(mx, x[c]);
+    }
+    const float old_max = st.max2[r];
+    float new_max = _mm512_reduce_max_ps(mx);
+    new_max = old_max > new_max ? old_max : new_max;
+    if (new_max == -__builtin_inff()) {
+      for (int c = 0; c < n / 16; ++c) _mm512_storeu_ps(row + 16 * c, _mm512_setzero_ps());
+    } else {
+      __m512 total = _mm512_setzero_ps();
+      const __m512 vmax = _mm512_set1_ps(new_max);
+      for (int c = 0; c < n / 16; ++c) {
+        x[c] = _mm512_maskz_mov_ps(__mmask16(bits >> (16 * c)), exp2_ps(_mm512_sub_ps(x[c], vmax)));
+        total = _mm512_add_ps(total, x[c]);
+        _mm512_storeu_ps(row + 16 * c, x[c]);
+      }
+      const float alpha = old_max == -__builtin_inff() ? 0.f : std::exp2(old_max - new_max);
+      st.sum[r] = st.sum[r] * alpha + _mm512_reduce_add_ps(total);
+      st.max2[r] = new_max;
+      if (alpha != 1.f) {
+        float* o = st.acc + int64_t(r) * kDV;
+        const __m512 a = _mm512_set1_ps(alpha);
+        for (int i = 0; i < kDV; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), a));
+      }
+    }
+    if (p16)
+      for (int c = 0; c < n / 32; ++c)
+        _mm512_storeu_si512(p16 + int64_t(r) * n + 32 * c,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 32 * c + 16),
+                                                         _mm512_loadu_ps(row + 32 * c)));
+  }
+}
+
+}  // namespace vllm_mla::cpu::avx512
