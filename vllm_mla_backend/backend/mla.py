@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonBackend,
+    MLACommonDecodeMetadata,
     MLACommonImpl,
     MLACommonMetadata,
     MLACommonMetadataBuilder,
@@ -40,6 +42,7 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, MultipleOf
 
 from .. import ops
+from ..decode_schedule import decode_workspace_size
 from ..layouts import D_V, KVLayout
 from .registration import kernel_impl
 
@@ -57,6 +60,12 @@ def layout_for(kv_cache_dtype: str, model_dtype: torch.dtype) -> KVLayout:
     if layout is KVLayout.MODEL1_FP8:
         raise ValueError("kv_cache_dtype fp8_model1 is DeepSeek V4's cache, not a dense MLA one")
     return layout
+
+
+def model_dtype() -> torch.dtype:
+    """The model's dtype (vLLM sets it as torch's default while it builds the model)."""
+    model_config = get_current_vllm_config().model_config
+    return model_config.dtype if model_config is not None else torch.get_default_dtype()
 
 
 def kernel_description(device_type: str) -> str:
@@ -104,6 +113,13 @@ class MLABackend(MLACommonBackend):
         return None
 
 
+@dataclass
+class MLADecodeMetadata(MLACommonDecodeMetadata):
+    # CUDA: split-KV scratch, allocated once per builder at the largest decode batch, so a
+    # captured decode reads and writes the same buffer on every replay.  None on CPU.
+    workspace: torch.Tensor | None = None
+
+
 class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
     query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.UNIFORM
@@ -111,7 +127,7 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         cache_dtype = vllm_config.cache_config.cache_dtype
-        layout = layout_for(cache_dtype, vllm_config.model_config.dtype)
+        layout = layout_for(cache_dtype, model_dtype())
         block_size = kv_cache_spec.block_size
         if block_size % BLOCK_SIZE_MULTIPLE:
             raise ValueError(f"vllm-mla-backend: block size {block_size} is not a multiple of "
@@ -121,6 +137,7 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
             from .. import build
 
             build.load("cuda" if device.type == "cuda" else "cpu")  # fail at startup, not later
+        self.decode_workspace = self._alloc_decode_workspace(vllm_config, device)
         key = (str(device), cache_dtype, block_size)
         if key not in _startup_logged:
             _startup_logged.add(key)
@@ -128,6 +145,18 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
                         "(%d B/token), block size %d, prefill %s", kernel_description(device.type),
                         cache_dtype, layout.name, layout.bytes_per_token, block_size,
                         "vLLM MHA" if device.type == "cuda" else "latent MQA over the cache")
+
+    def _alloc_decode_workspace(self, vllm_config, device) -> torch.Tensor | None:
+        if device.type != "cuda" or kernel_impl() == "reference":
+            return None
+        max_batch = vllm_config.scheduler_config.max_num_seqs
+        size = max(decode_workspace_size(max_batch, s_q, self.num_heads, device=device)
+                   for s_q in range(1, self.reorder_batch_threshold + 1))
+        return torch.empty(size, dtype=torch.uint8, device=device)
+
+    def _build_decode(self, block_table_tensor, seq_lens_device, *args, **kwargs):
+        return MLADecodeMetadata(block_table=block_table_tensor, seq_lens=seq_lens_device,
+                                 dcp_tot_seq_lens=None, workspace=self.decode_workspace)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -159,7 +188,7 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         if head_size != HEAD_SIZE or self.kv_lora_rank != D_V:
             raise NotImplementedError(f"vllm-mla-backend: needs kv_lora_rank 512 + rope 64 "
                                       f"(head size 576), got {head_size}")
-        self.layout = layout_for(kv_cache_dtype, get_current_vllm_config().model_config.dtype)
+        self.layout = layout_for(kv_cache_dtype, model_dtype())
         self.kernel_impl = kernel_impl()
         # Our kernels take the bf16/fp16/fp32 query and dequantize the cache themselves.
         self.supports_quant_query_input = False
@@ -189,7 +218,8 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         out, _ = ops.mla_decode(q.view(num_decodes, s_q, num_heads, d_qk), kv_c_and_k_pe_cache,
                                 decode.block_table, decode.seq_lens, self.layout,
                                 softmax_scale=self.scale, causal=s_q > 1,
-                                k_scale=layer._k_scale, impl=self.kernel_impl)
+                                k_scale=layer._k_scale, impl=self.kernel_impl,
+                                workspace=decode.workspace)
         return out.view(num_tokens, num_heads, D_V), None
 
     # --- prefill --------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""vLLM integration: registration, the MLA backend classes, and vLLM-specific fixups."""
