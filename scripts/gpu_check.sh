@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# GPU check, one command: on a CUDA machine with PyTorch (no vLLM needed) build the CUDA
+# extension, run the GPU tests and the decode benchmark, and print a short table last.
+# Budget: under 8 minutes on an H200.  Logs go to $OUT (default .cache/gpu-check).
+#
+#   OUT=/tmp/out scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
+#
+# Exit status: non-zero when the build or any GPU test fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/.cache/gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export VLLM_MLA_CACHE_DIR=${VLLM_MLA_CACHE_DIR:-$ROOT/.cache/kernels}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+
+# Build only for this GPU (the default list would compile six architectures).
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')
+  export TORCH_CUDA_ARCH_LIST
+fi
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.log"
+import shutil, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(),
+      "sm", torch.cuda.get_device_capability(), "SMs", torch.cuda.get_device_properties(0).multi_processor_count)
+import importlib.util
+print("pytest", "present" if importlib.util.find_spec("pytest") else "MISSING")
+try:
+    import ninja  # noqa: F401
+    print("ninja module present")
+except ImportError:
+    print("ninja on PATH:", shutil.which("ninja"))
+EOF
+
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) =="
+timeout 330 "$PY" -c "from vllm_mla_backend import build; print(build.load('cuda'))" \
+  > "$OUT/build.log" 2>&1
+build_rc=$?
+tail -3 "$OUT/build.log"
+build_s=$(elapsed)
+
+run_tests() {  # name, timeout, pytest args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 \
+    --junitxml="$OUT/$name.xml" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -15
+  local line; line=$(tail -1 "$OUT/$name.log")
+  [ $rc -eq 124 ] && line="TIMEOUT after $limit s: $line"
+  echo "$rc|$line"
+}
+tests_rc=99; tests_line="not run (build failed)"; grid_line="not run"
+if [ $build_rc -eq 0 ]; then
+  echo "== GPU tests: targeted (schedule, graphs, determinism, large shapes, bytes) =="
+  r=$(run_tests gpu-tests 150 tests/gpu -k "not decode_grid")
+  tests_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); tests_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
+  echo "$r" | sed '$d'
+  echo "== GPU tests: decode grid (every layout x block size x heads x s_q) =="
+  r=$(run_tests gpu-grid 170 tests/gpu -k "decode_grid")
+  grid_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); grid_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
+  echo "$r" | sed '$d'
+  [ "$grid_rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$grid_rc
+fi
+tests_s=$(elapsed)
+
+bench_rc=99
+if [ $build_rc -eq 0 ]; then
+  echo "== decode benchmark =="
+  timeout 150 "$PY" benchmarks/bench_cuda_decode.py --json "$OUT/bench.json" \
+    > "$OUT/bench.log" 2> "$OUT/bench.err"
+  bench_rc=$?
+fi
+
+echo
+echo "================ GPU check summary ($(elapsed) s) ================"
+head -1 "$OUT/env.log"
+echo "build:     rc=$build_rc (${build_s} s)   log: $OUT/build.log"
+echo "tests:     rc=$tests_rc (${tests_s} s)   targeted: $tests_line"
+echo "                              grid:     $grid_line"
+echo "benchmark: rc=$bench_rc                  log: $OUT/bench.log"
+if [ -f "$OUT/bench.log" ]; then
+  sed -n '/^device /,$p' "$OUT/bench.log"
+fi
+[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ]

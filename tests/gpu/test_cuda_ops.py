@@ -1,0 +1,257 @@
+"""The CUDA kernels against the float64 torch reference: write_kv / read_kv bytes, dense decode on
+the CPU test grids plus larger shapes, the split-KV schedule, CUDA-graph capture and replay,
+determinism, and hostile inputs (poisoned caches, garbage block tables, bad slots / block ids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import (DenseCase, assert_attention_close, dense_case, k_scale_of, max_abs_v,
+                   poisoned_cache, storage_bytes, token_values)
+from vllm_mla_backend import decode_schedule, ops
+from vllm_mla_backend.layouts import KVLayout
+
+LAYOUTS = [KVLayout.BF16, KVLayout.FP16, KVLayout.FP8, KVLayout.V32_FP8, KVLayout.MODEL1_FP8]
+BLOCK_SIZES = [1, 2, 16, 53, 64, 69, 256, 576]
+HEADS = [(1, 1), (3, 1), (16, 1), (64, 1), (128, 1), (16, 2), (16, 8)]
+DEV = "cuda"
+
+
+def device_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """Every byte of a (CUDA) cache's storage, copied to the host."""
+    raw = torch.empty(0, dtype=torch.uint8, device=cache.device).set_(cache.untyped_storage())
+    return raw.cpu()
+
+
+def to_cuda_cache(cache: torch.Tensor) -> torch.Tensor:
+    """Same bytes, shape, strides and padding, on the GPU."""
+    flat = storage_bytes(cache).to(DEV).view(cache.dtype)
+    return flat.as_strided(cache.shape, cache.stride(), cache.storage_offset())
+
+
+def to_cuda(case: DenseCase) -> DenseCase:
+    return DenseCase(case.layout, case.q.to(DEV), to_cuda_cache(case.cache),
+                     case.block_table.to(DEV), case.seq_lens.to(DEV), case.softmax_scale)
+
+
+def check_decode(case: DenseCase, causal: bool, v_max: float, q=None, out=None):
+    got_out, got_lse = case.run("cuda", causal, out=out, q=q)
+    ref = DenseCase(case.layout, case.q if q is None else q, case.cache, case.block_table,
+                    case.seq_lens, case.softmax_scale)
+    want_out, want_lse = ref.expected(causal)  # float64 on the GPU
+    if got_out.dtype == torch.float32:  # the tensor cores see bf16 operands: compare at bf16
+        got_out = got_out.to(torch.bfloat16)
+    assert_attention_close(got_out.cpu(), got_lse.cpu(), want_out.cpu(), want_lse.cpu(), v_max)
+    return got_out, got_lse
+
+
+# ------------------------------------------------------------------------------------------
+# write_kv / read_kv: bit-identical bytes
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS + [KVLayout.FP32])
+@pytest.mark.parametrize("block_size", [1, 16, 53, 64])
+@pytest.mark.parametrize("h_kv", [1, 2])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_bytes_match_reference(cuda_kernels, layout, block_size, h_kv, in_dtype):
+    if layout is KVLayout.MODEL1_FP8 and h_kv > 1:
+        pytest.skip("MODEL1_FP8 has one KV head")
+    gen = torch.Generator().manual_seed(block_size * 7 + h_kv)
+    nb = 5
+    cache = poisoned_cache(layout, nb, block_size, h_kv, pad_bytes=16)
+    slots = torch.randperm(nb * block_size, generator=gen)[: max(1, nb * block_size // 2)]
+    slots = torch.cat([slots, torch.tensor([-1, -7])])  # padding tokens: skipped
+    nope, rope = token_values(len(slots), h_kv, layout, gen, in_dtype)
+    if layout.has_tile_scales:  # scale extremes: an all-zero tile and a huge one
+        nope[0].zero_()
+        nope[1, :, :64] = 3e4 if in_dtype != torch.float32 else 3e30
+    want = cache.clone()
+    ops.write_kv(want, nope, rope, slots, layout, k_scale=k_scale_of(layout), impl="reference")
+    got = to_cuda_cache(cache)
+    ops.write_kv(got, nope.to(DEV), rope.to(DEV), slots.to(DEV), layout,
+                 k_scale=k_scale_of(layout), impl="cuda")
+    assert torch.equal(device_bytes(got), storage_bytes(want))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_kv_skips_slots_outside_the_cache(cuda_kernels, layout, monkeypatch):
+    monkeypatch.delenv("VLLM_MLA_VALIDATE", raising=False)
+    gen = torch.Generator().manual_seed(1)
+    cache = to_cuda_cache(poisoned_cache(layout, 3, 16))
+    before = device_bytes(cache)
+    slots = torch.tensor([48, 10**9, 2**62], device=DEV)
+    nope, rope = token_values(3, 1, layout, gen)
+    ops.write_kv(cache, nope.to(DEV), rope.to(DEV), slots, layout, k_scale=k_scale_of(layout),
+                 impl="cuda")
+    assert torch.equal(device_bytes(cache), before)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + [KVLayout.FP32])
+@pytest.mark.parametrize("block_size", [1, 64])
+def test_read_kv_matches_reference(cuda_kernels, layout, block_size):
+    gen = torch.Generator().manual_seed(3)
+    cache = poisoned_cache(layout, 4, block_size)
+    n = 4 * block_size
+    nope, rope = token_values(n, 1, layout, gen)
+    ops.write_kv(cache, nope, rope, torch.arange(n), layout, k_scale=k_scale_of(layout),
+                 impl="reference")
+    want = ops.read_kv(cache, layout, k_scale=k_scale_of(layout), impl="reference")
+    got = ops.read_kv(to_cuda_cache(cache), layout, k_scale=k_scale_of(layout), impl="cuda")
+    assert torch.equal(got.cpu(), want)
+
+
+# ------------------------------------------------------------------------------------------
+# Dense decode
+# ------------------------------------------------------------------------------------------
+SQ_CAUSAL = [(1, False), (2, True), (3, False), (4, True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("h_q,h_kv", HEADS)
+@pytest.mark.parametrize("s_q,causal", SQ_CAUSAL)
+def test_decode_grid(cuda_kernels, layout, block_size, h_q, h_kv, s_q, causal):
+    if layout is KVLayout.MODEL1_FP8 and h_kv > 1:
+        pytest.skip("MODEL1_FP8 has one KV head")
+    seed = hash((layout.code, block_size, h_q, h_kv, s_q)) % 2**31
+    lens = [0, 1, 2, 33, 200, 3 * block_size + 1]
+    case = dense_case(layout, block_size, lens, h_q, h_kv, s_q, seed=seed, pad_bytes=16)
+    check_decode(to_cuda(case), causal, max_abs_v(case.cache, layout))
+
+
+@pytest.mark.parametrize("layout", [KVLayout.BF16, KVLayout.FP8, KVLayout.V32_FP8,
+                                    KVLayout.MODEL1_FP8])
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (64, 2), (128, 2)])
+def test_decode_large(cuda_kernels, layout, h_q, s_q):
+    gen = torch.Generator().manual_seed(h_q + s_q)
+    lens = torch.randint(1, 8192, (24,), generator=gen).tolist()
+    lens[3], lens[7] = 0, 8192
+    case = dense_case(layout, 64, lens, h_q, 1, s_q, seed=h_q)
+    check_decode(to_cuda(case), s_q > 1, max_abs_v(case.cache, layout))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_long_context_many_splits(cuda_kernels, batch):
+    case = dense_case(KVLayout.BF16, 64, [32768, 100, 5000][:batch], 16, seed=batch)
+    check_decode(to_cuda(case), False, max_abs_v(case.cache, KVLayout.BF16))
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.float32])
+def test_decode_q_dtype_differs_from_cache(cuda_kernels, q_dtype):
+    case = dense_case(KVLayout.BF16, 16, [5, 100, 0], 16, s_q=2, q_dtype=q_dtype)
+    check_decode(to_cuda(case), True, max_abs_v(case.cache, KVLayout.BF16))
+
+
+@pytest.mark.parametrize("width,offset", [(600, 0), (581, 3)])  # cp.async rows, or not aligned
+def test_decode_non_contiguous_q_and_out(cuda_kernels, width, offset):
+    case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [70, 0, 129], 16, s_q=2))
+    b, s_q, h_q, d = case.q.shape
+    q = torch.zeros(b, s_q, h_q, width, dtype=case.q.dtype, device=DEV)[..., offset:offset + d]
+    q.copy_(case.q)
+    out = torch.full((b, h_q, s_q, 513), 7.0, dtype=case.q.dtype, device=DEV)
+    out_view = out[..., 1:513].transpose(1, 2)
+    got, _ = check_decode(case, True, max_abs_v(case.cache.cpu(), KVLayout.V32_FP8), q=q,
+                          out=out_view)
+    assert got.data_ptr() == out_view.data_ptr()
+    assert (out[..., 0] == 7.0).all(), "wrote outside the out view"
+
+
+def test_decode_padded_rows_and_out_of_range_block_ids(cuda_kernels, monkeypatch):
+    """vLLM's CUDA-graph padding (seq_len 0, block row 0) and a bad id in a used column:
+    tokens behind an out-of-range block id are skipped, never read."""
+    monkeypatch.delenv("VLLM_MLA_VALIDATE", raising=False)
+    case = to_cuda(dense_case(KVLayout.BF16, 16, [40, 40, 0, 0], 16))
+    bt = case.block_table.clone()
+    bt[2:] = 0
+    bad = bt.clone()
+    bad[1, 2] = 1 << 20  # tokens 32..39 of request 1 live behind a bad id
+    got_out, got_lse = ops.mla_decode(case.q, case.cache, bad, case.seq_lens, case.layout,
+                                      impl="cuda")
+    want_lens = torch.tensor([40, 32, 0, 0], dtype=torch.int32, device=DEV)
+    want_out, want_lse = ops.mla_decode(case.q, case.cache, bt, want_lens, case.layout,
+                                        impl="reference")
+    assert_attention_close(got_out.cpu(), got_lse.cpu(), want_out.cpu(), want_lse.cpu(),
+                           max_abs_v(case.cache.cpu(), case.layout))
+
+
+def test_decode_is_deterministic(cuda_kernels):
+    case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [9000, 3, 4000, 0, 12000], 128, s_q=2))
+    a = case.run("cuda", True)
+    b = case.run("cuda", True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_device_schedule_matches_the_mirror(cuda_kernels):
+    case = to_cuda(dense_case(KVLayout.BF16, 64, [9000, 0, 3, 4000, 1, 12000], 64, s_q=2))
+    b, s_q, h_q, _ = case.q.shape
+    ws = torch.empty(ops.decode_workspace_size(b, s_q, h_q, 1), dtype=torch.uint8, device=DEV)
+    ops.mla_decode(case.q, case.cache, case.block_table, case.seq_lens, case.layout,
+                   impl="cuda", workspace=ws)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    parts = decode_schedule.num_parts(s_q, h_q, 1, sms)
+    max_tokens = case.block_table.shape[1] * case.cache.shape[1]
+    want = decode_schedule.schedule(case.seq_lens.tolist(), max_tokens, parts)
+    assert decode_schedule.read_schedule(ws, b) == want
+
+
+def test_decode_rejects_a_small_workspace(cuda_kernels):
+    case = to_cuda(dense_case(KVLayout.BF16, 16, [10, 20], 16))
+    ws = torch.empty(64, dtype=torch.uint8, device=DEV)
+    with pytest.raises(RuntimeError, match="workspace"):
+        ops.mla_decode(case.q, case.cache, case.block_table, case.seq_lens, case.layout,
+                       impl="cuda", workspace=ws)
+
+
+def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
+    layout = KVLayout.V32_FP8
+    lens = [3000, 17, 0, 900]
+    case = to_cuda(dense_case(layout, 64, lens, 64, s_q=2, seed=5))
+    b, s_q, h_q, _ = case.q.shape
+    ws = torch.empty(ops.decode_workspace_size(b, s_q, h_q, 1), dtype=torch.uint8, device=DEV)
+    q, seq_lens = case.q.clone(), case.seq_lens.clone()
+    out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=DEV)
+
+    def step():
+        return ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout, causal=True,
+                              impl="cuda", out=out, workspace=ws)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up (loads the library) outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, lse = step()
+    # New inputs in the captured buffers: shorter / empty sequences, new queries.
+    seq_lens.copy_(torch.tensor([5, 3000, 2500, 0], dtype=torch.int32))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout,
+                                        causal=True, impl="cuda")
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    ref_out, ref_lse = ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout,
+                                      causal=True, impl="reference")
+    assert_attention_close(out.cpu(), lse.cpu(), ref_out.cpu(), ref_lse.cpu(),
+                           max_abs_v(case.cache.cpu(), layout))
+
+
+def test_decode_under_torch_compile(cuda_kernels):
+    case = to_cuda(dense_case(KVLayout.BF16, 16, [10, 50], 16))
+
+    @torch.compile(fullgraph=True)
+    def f(q):
+        return ops.mla_decode(q, case.cache, case.block_table, case.seq_lens, case.layout,
+                              impl="cuda")
+
+    got = f(case.q)
+    want = case.run("cuda", False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_sparse_ops_raise_until_issue_5(cuda_kernels):
+    case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [10], 16))
+    idx = torch.zeros(1, 1, 64, dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="not yet implemented on CUDA"):
+        ops.mla_sparse_decode(case.q, case.cache, idx, KVLayout.V32_FP8, impl="cuda")
