@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,11 @@ def _host_bindings(tmp: Path) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def check_cuda(arch: str, report_path: Path) -> int:
     """Compile every CUDA unit for ``arch`` ("80,90a"); 0 when clean and spill-free."""
     nvcc = nvcc_path()
@@ -260,6 +266,7 @@ def check_cuda(arch: str, report_path: Path) -> int:
     units = sorted((kernels_dir() / "cuda").glob("*.cu"))
     jobs = max(1, min(int(os.environ.get("MAX_JOBS", "2")), len(units) + 1))
     start = time.perf_counter()
+    cpu_before = _children_cpu_seconds()
     logger.info("check-cuda: %d CUDA units for %s with %s (%d jobs)", len(units),
                 ",".join(archs), nvcc, jobs)
     failed: list[str] = []
@@ -279,10 +286,11 @@ def check_cuda(arch: str, report_path: Path) -> int:
     names = demangle(sorted({u.kernel for u in usages}))
     spills = spill_failures(usages, names)
     elapsed = time.perf_counter() - start
+    cpu = _children_cpu_seconds() - cpu_before
     report = format_report(usages, names)
     summary = (f"check-cuda: {len(units)} units, archs {','.join(archs)}, "
                f"{len(usages)} kernel builds, {len(failed)} failed, "
-               f"{len(spills)} decode-kernel spills, {elapsed:.0f} s")
+               f"{len(spills)} decode-kernel spills, {elapsed:.0f} s wall, {cpu:.0f} s CPU")
     report_path = Path(report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(summary + "\n\n" + report + "\n" + "\n".join(logs))
