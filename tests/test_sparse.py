@@ -70,6 +70,7 @@ SPARSE_CASES = [
     (L.BF16, 16, 64, 576, 1, False, True, None, None),
     (L.BF16, 69, 16, 2048, 2, True, False, (1, 64, 50), 100),
     (L.BF16, 64, 128, 64, 2, True, True, None, None),
+    (L.FP8, 16, 64, 576, 1, True, True, (64, 64, 200), None),
 ]
 
 
