@@ -16,7 +16,17 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export VLLM_MLA_CACHE_DIR=${VLLM_MLA_CACHE_DIR:-$ROOT/.cache/kernels}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 start=$(date +%s)
+deadline=$(( start + ${GPU_CHECK_BUDGET_S:-470} ))   # the whole check, build included
 elapsed() { echo $(( $(date +%s) - start )); }
+share() {  # seconds for the next step: min(cap, percent of what is left)
+  local left=$(( deadline - $(date +%s) )) cap=$1 pct=$2
+  local s=$(( left * pct / 100 )); [ $s -gt $cap ] && s=$cap; [ $s -lt 20 ] && s=20; echo $s
+}
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: $PY sees no CUDA device (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+  exit 2
+fi
 
 # Build only for this GPU (the default list would compile six architectures).
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -37,7 +47,7 @@ except ImportError:
 EOF
 
 echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) =="
-timeout 330 "$PY" -c "from vllm_mla_backend import build; print(build.load('cuda'))" \
+timeout 300 "$PY" -c "from vllm_mla_backend import build; print(build.load('cuda'))" \
   > "$OUT/build.log" 2>&1
 build_rc=$?
 tail -3 "$OUT/build.log"
@@ -56,11 +66,11 @@ run_tests() {  # name, timeout, pytest args...
 tests_rc=99; tests_line="not run (build failed)"; grid_line="not run"
 if [ $build_rc -eq 0 ]; then
   echo "== GPU tests: targeted (schedule, graphs, determinism, large shapes, bytes) =="
-  r=$(run_tests gpu-tests 150 tests/gpu -k "not decode_grid")
+  r=$(run_tests gpu-tests "$(share 120 33)" tests/gpu -k "not decode_grid")
   tests_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); tests_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
   echo "$r" | sed '$d'
   echo "== GPU tests: decode grid (every layout x block size x heads x s_q) =="
-  r=$(run_tests gpu-grid 170 tests/gpu -k "decode_grid")
+  r=$(run_tests gpu-grid "$(share 150 55)" tests/gpu -k "decode_grid")
   grid_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); grid_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
   echo "$r" | sed '$d'
   [ "$grid_rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$grid_rc
@@ -70,7 +80,9 @@ tests_s=$(elapsed)
 bench_rc=99
 if [ $build_rc -eq 0 ]; then
   echo "== decode benchmark =="
-  timeout 150 "$PY" benchmarks/bench_cuda_decode.py --json "$OUT/bench.json" \
+  bench_s=$(share 130 95)
+  timeout "$bench_s" "$PY" benchmarks/bench_cuda_decode.py --budget-s $(( bench_s * 7 / 10 )) \
+    --json "$OUT/bench.json" \
     > "$OUT/bench.log" 2> "$OUT/bench.err"
   bench_rc=$?
 fi
