@@ -174,6 +174,22 @@ def test_decode_padded_rows_and_out_of_range_block_ids(cuda_kernels, monkeypatch
                            max_abs_v(case.cache.cpu(), case.layout))
 
 
+def test_decode_result_does_not_depend_on_the_split_count(cuda_kernels):
+    """One long request alone is cut into many splits; 64 copies of it in a batch into few.
+    The outputs agree up to rounding (SPEC: split-KV partials merge by LSE)."""
+    case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [12000], 64, s_q=2, seed=11))
+    alone_out, alone_lse = case.run("cuda", True)
+    n = 64
+    many = DenseCase(case.layout, case.q.expand(n, -1, -1, -1).contiguous(), case.cache,
+                     case.block_table.expand(n, -1).contiguous(), case.seq_lens.expand(n).contiguous(),
+                     case.softmax_scale)
+    out, lse = many.run("cuda", True)
+    v_max = max_abs_v(case.cache.cpu(), case.layout)
+    torch.testing.assert_close(out.float(), alone_out.float().expand_as(out), atol=4e-3 * v_max,
+                               rtol=4e-3)
+    torch.testing.assert_close(lse, alone_lse.expand_as(lse), atol=1e-4, rtol=1e-5)
+
+
 def test_decode_is_deterministic(cuda_kernels):
     case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [9000, 3, 4000, 0, 12000], 128, s_q=2))
     a = case.run("cuda", True)
