@@ -29,7 +29,7 @@ def poisoned_cache(layout: KVLayout, num_blocks: int, block_size: int, h_kv: int
     item = layout.storage_dtype.itemsize
     stride_bytes = layout.block_stride(block_size) * h_kv + pad_bytes
     assert stride_bytes % item == 0, "padding must keep whole elements"
-    flat = torch.full((max(num_blocks * stride_bytes, 1),), POISON, dtype=torch.uint8)
+    flat = torch.full((max(num_blocks * stride_bytes, 16),), POISON, dtype=torch.uint8)
     width = layout.elements_per_token
     return flat.view(layout.storage_dtype).as_strided(
         (num_blocks, block_size, h_kv, width), (stride_bytes // item, h_kv * width, width, 1))

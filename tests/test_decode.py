@@ -11,7 +11,7 @@ import torch
 
 from vllm_mla_backend.layouts import KVLayout
 
-from cases import assert_attention_close, dense_case, max_abs_v
+from cases import assert_attention_close, dense_case, max_abs_v, poisoned_cache
 
 L = KVLayout
 VARLEN = (0, 1, 37, 300, 129, 2)
@@ -119,3 +119,19 @@ def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
     single = case.run("cpu", True)
     for a, b in ((first, again), (first, single)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("what", ["s_q=0", "h_q=0", "empty cache"])
+def test_degenerate_shapes(what, cpu_kernels):
+    """Zero-sized dimensions: same shapes as the reference, empty rows exact."""
+    case = dense_case(L.V32_FP8, 16, (5, 3), 16, seed=16)
+    if what == "s_q=0":
+        case.q = case.q[:, :0]
+    elif what == "h_q=0":
+        case.q = case.q[:, :, :0]
+    else:
+        case.cache, case.seq_lens = poisoned_cache(L.V32_FP8, 0, 16), torch.zeros(2, dtype=torch.int32)
+    got_out, got_lse = case.run("cpu", causal=False)
+    want_out, want_lse = case.run("reference", causal=False)
+    assert got_out.shape == want_out.shape and got_lse.shape == want_lse.shape
+    assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)

@@ -141,13 +141,29 @@ def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("what", ["topk=0", "empty cache", "s_q=0"])
+def test_degenerate_shapes(what, cpu_kernels):
+    """Zero-sized dimensions: same shapes as the reference, every row empty and exact."""
+    case = sparse_case(L.MODEL1_FP8, 64, 16, 64, b=2, with_length=False, seed=7)
+    if what == "topk=0":
+        case.indices = case.indices[..., :0]
+    elif what == "empty cache":
+        case.cache = poisoned_cache(L.MODEL1_FP8, 0, 64)
+    else:
+        case.q, case.indices = case.q[:, :0], case.indices[:, :0]
+    got_out, got_lse = case.run("cpu")
+    want_out, want_lse = case.run("reference")
+    assert got_out.shape == want_out.shape and got_lse.shape == want_lse.shape
+    assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)
+
+
 # ------------------------------------------------------------------------------------------
 # Sparse prefill
 # ------------------------------------------------------------------------------------------
 def prefill_case(d_qk, s_q, h_q, s_kv, topk, seed, with_length=True, sink=False):
     """kv rows not referenced by a valid index are NaN."""
     gen = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, s_kv, (s_q, 1, topk), generator=gen, dtype=torch.int32)
+    indices = torch.randint(0, max(s_kv, 1), (s_q, 1, topk), generator=gen, dtype=torch.int32)
     bad = torch.tensor([-1, -5, s_kv, s_kv + 100, 2**31 - 1], dtype=torch.int32)
     invalid = torch.rand(s_q, 1, topk, generator=gen) < 0.3
     indices = torch.where(invalid, bad[torch.randint(0, 5, indices.shape, generator=gen)], indices)
@@ -168,6 +184,7 @@ def prefill_case(d_qk, s_q, h_q, s_kv, topk, seed, with_length=True, sink=False)
     (512, 3, 64, 700, 576, True, True),
     (576, 2, 128, 1000, 2048, False, True),
     (512, 4, 16, 50, 2048, True, False),       # topk far above s_kv
+    (576, 3, 16, 0, 64, False, False),         # empty kv: every index is out of range
 ])
 def test_sparse_prefill(d_qk, s_q, h_q, s_kv, topk, length, sink, cpu_kernels):
     q, kv, indices, topk_length, sink_t = prefill_case(d_qk, s_q, h_q, s_kv, topk,
@@ -185,6 +202,6 @@ def test_sparse_prefill(d_qk, s_q, h_q, s_kv, topk, length, sink, cpu_kernels):
     empty = torch.isposinf(want_lse)
     assert torch.isneginf(max_logits[empty]).all() and (out[empty] == 0).all()
     torch.testing.assert_close(max_logits[~empty].double(), want_max[~empty], rtol=1e-3, atol=1e-3)
-    v_max = float(torch.nan_to_num(kv[..., :512].float(), nan=0).abs().max())
+    v_max = float(torch.nan_to_num(kv[..., :512].float(), nan=0).abs().max()) if kv.numel() else 0.0
     atol_frac, rtol = tolerances(out.dtype)
     torch.testing.assert_close(out.double(), want_out, atol=atol_frac * v_max, rtol=rtol)
