@@ -133,10 +133,14 @@ def _k_scale_tensor(k_scale, layout: KVLayout, device: torch.device) -> torch.Te
     if isinstance(k_scale, torch.Tensor):
         if k_scale.numel() != 1:
             raise ValueError(f"k_scale must have one element, got shape {tuple(k_scale.shape)}")
-        return k_scale.detach().reshape(1).to(device=device, dtype=torch.float32)
-    value = float(k_scale)
+        scale = k_scale.detach().reshape(1).to(device=device, dtype=torch.float32)
+        if not _validate_values(scale):
+            return scale
+        value = float(scale)   # CPU (or VLLM_MLA_VALIDATE=1): checked like a number below
+    else:
+        value = float(k_scale)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"k_scale must be a finite positive number, got {k_scale}")
+        raise ValueError(f"k_scale must be a finite positive number, got {value}")
     return torch.tensor([value], dtype=torch.float32, device=device)
 
 
