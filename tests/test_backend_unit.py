@@ -403,3 +403,24 @@ def test_impl_rejects_unsupported_features(monkeypatch):
         MLAImpl(N_HEADS, 576, 0.1, 1, None, 128, "auto", None, "decoder", None,
                 q_lora_rank=None, kv_lora_rank=LATENT, qk_nope_head_dim=NOPE,
                 qk_rope_head_dim=ROPE, qk_head_dim=NOPE + ROPE, v_head_dim=V_DIM, kv_b_proj=None)
+
+
+def test_compact_blocks_keeps_what_the_reference_reads():
+    from vllm_mla_backend.backend.mla import compact_blocks
+    gen = torch.Generator().manual_seed(1)
+    layout, num_blocks, block_size = KVLayout.BF16, 40, 16
+    cache = ops.alloc_kv_cache(num_blocks, block_size, layout)[:, :, 0]
+    cache.copy_(torch.randn(cache.shape, generator=gen).to(cache.dtype))
+    block_table = torch.randperm(num_blocks, generator=gen)[:12].view(3, 4).int()
+    seq_lens = torch.tensor([45, 0, 17]).int()
+    block_table[0, 3] = 10 ** 6        # past the sequence: garbage that must never be read
+    block_table[2, 2:] = -7
+    small, remapped = compact_blocks(cache, block_table, seq_lens)
+    assert small.shape[0] <= 7 and remapped.dtype == torch.int32
+    q = torch.randn(3, 2, 4, 576, generator=gen).to(torch.bfloat16)
+    out_small, lse_small = ops.mla_decode(q, small, remapped, seq_lens, layout, causal=True,
+                                          impl="reference")
+    clean = torch.where(block_table < 0, 0, block_table).clamp(max=num_blocks - 1)
+    out_full, lse_full = ops.mla_decode(q, cache, clean, seq_lens, layout, causal=True,
+                                        impl="reference")
+    assert torch.equal(out_small, out_full) and torch.equal(lse_small, lse_full)

@@ -39,7 +39,12 @@ from vllm.model_executor.layers.attention.mla_attention import (
     QueryLenSupport,
 )
 from vllm.platforms import current_platform
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, MultipleOf
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionType,
+    MultipleOf,
+    max_decode_query_len,
+)
 
 from .. import ops
 from ..decode_schedule import decode_workspace_size
@@ -66,6 +71,27 @@ def model_dtype() -> torch.dtype:
     """The model's dtype (vLLM sets it as torch's default while it builds the model)."""
     model_config = get_current_vllm_config().model_config
     return model_config.dtype if model_config is not None else torch.get_default_dtype()
+
+
+def decode_workspace_bytes(vllm_config, num_heads: int, device: torch.device) -> int:
+    """Scratch of the CUDA decode at its largest batch: max_num_seqs requests of up to
+    1 + num_speculative_tokens query tokens."""
+    max_batch = vllm_config.scheduler_config.max_num_seqs
+    return max(decode_workspace_size(max_batch, s_q, num_heads, device=device)
+               for s_q in range(1, max_decode_query_len(vllm_config) + 1))
+
+
+def compact_blocks(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor):
+    """(cache of only the blocks ``block_table`` uses, remapped table).
+
+    For the torch reference ops, which dequantize the whole cache they are given: a vLLM-sized
+    cache would cost gigabytes per call.  Entries past a sequence are never read; they become 0.
+    """
+    block_size = cache.shape[1]
+    needed = (seq_lens.long() + block_size - 1) // block_size
+    used = torch.arange(block_table.shape[1], device=block_table.device) < needed[:, None]
+    ids, remapped = torch.unique(torch.where(used, block_table, 0), return_inverse=True)
+    return cache[ids], remapped.to(torch.int32)
 
 
 def kernel_description(device_type: str) -> str:
@@ -149,9 +175,7 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
     def _alloc_decode_workspace(self, vllm_config, device) -> torch.Tensor | None:
         if device.type != "cuda" or kernel_impl() == "reference":
             return None
-        max_batch = vllm_config.scheduler_config.max_num_seqs
-        size = max(decode_workspace_size(max_batch, s_q, self.num_heads, device=device)
-                   for s_q in range(1, self.reorder_batch_threshold + 1))
+        size = decode_workspace_bytes(vllm_config, self.num_heads, device)
         return torch.empty(size, dtype=torch.uint8, device=device)
 
     def _build_decode(self, block_table_tensor, seq_lens_device, *args, **kwargs):
@@ -195,6 +219,23 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         self.latent_prefill = not current_platform.is_cuda()
         self._layer_ref = None
 
+    def reserve_workspace(self) -> None:
+        """vLLM 0.33 profiling run: touch the decode scratch the builder allocates later, so
+        the KV cache is sized around it (a transient allocation counts toward the peak)."""
+        if current_platform.is_cuda() and self.kernel_impl is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+            size = decode_workspace_bytes(get_current_vllm_config(), self.num_heads, device)
+            torch.empty(size, dtype=torch.uint8, device=device)
+
+    def _attend(self, q, cache, block_table, seq_lens, causal, k_scale, out=None,
+                workspace=None):
+        """ops.mla_decode on the paged cache (the reference ops get only the used blocks)."""
+        if self.kernel_impl == "reference":
+            cache, block_table = compact_blocks(cache, block_table, seq_lens)
+        return ops.mla_decode(q, cache, block_table, seq_lens, self.layout,
+                              softmax_scale=self.scale, causal=causal, k_scale=k_scale,
+                              impl=self.kernel_impl, out=out, workspace=workspace)
+
     # --- KV write -------------------------------------------------------------------------
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
                            k_scale, skip_scale: bool = False) -> None:
@@ -215,11 +256,9 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         if s_q * num_decodes != num_tokens:
             raise ValueError(f"decode batch is not uniform: {num_tokens} tokens for "
                              f"{num_decodes} requests")
-        out, _ = ops.mla_decode(q.view(num_decodes, s_q, num_heads, d_qk), kv_c_and_k_pe_cache,
-                                decode.block_table, decode.seq_lens, self.layout,
-                                softmax_scale=self.scale, causal=s_q > 1,
-                                k_scale=layer._k_scale, impl=self.kernel_impl,
-                                workspace=decode.workspace)
+        out, _ = self._attend(q.view(num_decodes, s_q, num_heads, d_qk), kv_c_and_k_pe_cache,
+                              decode.block_table, decode.seq_lens, causal=s_q > 1,
+                              k_scale=layer._k_scale, workspace=decode.workspace)
         return out.view(num_tokens, num_heads, D_V), None
 
     # --- prefill --------------------------------------------------------------------------
@@ -245,10 +284,9 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
             end = start + query_len
             # The cache already holds these tokens (do_kv_cache_update ran first): one causal
             # bottom-right pass covers the cached prefix and the new tokens.
-            ops.mla_decode(mqa_q[start:end].unsqueeze(0), kv_c_and_k_pe_cache,
-                           prefill.block_table[i:i + 1], prefill.seq_lens[i:i + 1], self.layout,
-                           softmax_scale=self.scale, causal=True, k_scale=k_scale,
-                           impl=self.kernel_impl, out=latent_out[start:end].unsqueeze(0))
+            self._attend(mqa_q[start:end].unsqueeze(0), kv_c_and_k_pe_cache,
+                         prefill.block_table[i:i + 1], prefill.seq_lens[i:i + 1], causal=True,
+                         k_scale=k_scale, out=latent_out[start:end].unsqueeze(0))
             start = end
         layer._v_up_proj(latent_out, out=output)
 
