@@ -83,19 +83,25 @@ struct WorkItem {
   int64_t partial;  // row offset of the split's partial state, -1 for a group of one split
 };
 
+int round16(int m) { return (m + 15) / 16 * 16; }
+
 // Per-thread buffers of one work item.
 struct Scratch {
   std::vector<float> qf, kf, s, max2, sum, acc;
   std::vector<uint16_t> qb, kb, vp, p16;
   std::vector<int> row_len;
   std::vector<RowIO> rows;
+  std::vector<uint16_t> q_rows;  // bf16 q before packing
+  // Rows of P / acc rounded up to a tile of 16 (padding rows stay zero).
   Scratch(int m, int d, bool bf16)
-      : s(size_t(m) * kChunk), max2(m), sum(m), acc(size_t(m) * kDV), row_len(m), rows(m) {
+      : s(size_t(m) * kChunk), max2(m), sum(m), acc(size_t(round16(m)) * kDV), row_len(m),
+        rows(m) {
     if (bf16) {
-      qb.resize(size_t(m) * d);
+      q_rows.resize(size_t(m) * d);
+      qb.resize(size_t(round16(m)) * d);
       kb.resize(size_t(kChunk) * d);
       vp.resize(size_t(kChunk) * kDV);
-      p16.resize(size_t(m) * kChunk);
+      p16.resize(size_t(round16(m)) * kChunk);
     } else {
       qf.resize(size_t(m) * d);
       kf.resize(size_t(kChunk) * d);
@@ -161,11 +167,12 @@ class Runner {
     for (int r = 0; r < m; ++r) {
       sc.rows[r] = task_.row(it.group, r);
       if (bf16_) {
-        std::memcpy(sc.qb.data() + size_t(r) * d, sc.rows[r].q, size_t(d) * 2);
+        std::memcpy(sc.q_rows.data() + size_t(r) * d, sc.rows[r].q, size_t(d) * 2);
       } else {
         query_f32(p_.q_dtype, sc.rows[r].q, d, sc.qf.data() + size_t(r) * d);
       }
     }
+    if (bf16_) mk_.pack_q_bf16(sc.q_rows.data(), m, d, sc.qb.data());
     std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);

@@ -23,7 +23,9 @@ struct MicroKernels {
   void (*pv_f32)(const float* p, int m, int n, const float* k, int d, float* acc);
 
   // bf16 compute (nullptr below AVX-512 BF16): K rows as bf16 plus V repacked in token pairs,
-  // vp[n/2][kDV][2], the VNNI order of vdpbf16ps / AMX.
+  // vp[n/2][kDV][2], the VNNI order of vdpbf16ps / AMX. Q is packed once per work item into the
+  // kernel's own order (q [M][D] -> packed, M rounded up to 16); P and acc hold that many rows.
+  void (*pack_q_bf16)(const uint16_t* q, int m, int d, uint16_t* packed);
   void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp);
   void (*scores_bf16)(const uint16_t* q, int m, const uint16_t* k, int n, int d, float* s);
   void (*pv_bf16)(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc);

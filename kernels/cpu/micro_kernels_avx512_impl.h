@@ -95,6 +95,10 @@ static void pack_v_pairs(const uint16_t* k, int n, int d, uint16_t* vp) {
   }
 }
 
+static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
+  for (int64_t i = 0; i < int64_t(m) * d; ++i) packed[i] = q[i];
+}
+
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                       uint16_t* vp) {
   for (int j = 0; j < n; ++j) decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
