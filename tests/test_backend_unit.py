@@ -88,6 +88,40 @@ def test_register_modes(fresh_registration, monkeypatch):
     assert not _overridden_by_us("CPU_MLA") and _overridden_by_us("CUSTOM")
 
 
+def test_register_on_cuda_takes_the_dense_slots_and_v32(fresh_registration, monkeypatch):
+    import vllm.platforms
+
+    class FakeCuda:
+        device_type = device_name = "cuda"
+
+        @classmethod
+        def check_and_update_config(cls, vllm_config):
+            pass
+
+        def is_cpu(self):
+            return False
+
+        def is_cuda(self):
+            return True
+
+    vllm.platforms.current_platform  # resolve the real one first, restored by monkeypatch
+    monkeypatch.setattr(vllm.platforms, "_current_platform", FakeCuda())
+    monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
+    monkeypatch.setenv(registration.ENV_VAR, "1")
+    registration.register()
+    for name in registration.CUDA_DENSE_MLA_SLOTS:
+        if name in AttentionBackendEnum.__members__:
+            assert _overridden_by_us(name)
+    assert AttentionBackendEnum["FLASHMLA_SPARSE"].get_path() == \
+        registration.CUDA_SPARSE_SLOTS["FLASHMLA_SPARSE"]
+    assert not _overridden_by_us("CPU_MLA")
+    assert getattr(FakeCuda.check_and_update_config, config_fixups._MARK)
+    monkeypatch.setenv(registration.ENV_VAR, "off")
+    registration.register()
+    assert not _overridden_by_us("TRITON_MLA")
+    assert not AttentionBackendEnum["FLASHMLA_SPARSE"].is_overridden()
+
+
 def test_register_rejects_bad_value(fresh_registration, monkeypatch):
     monkeypatch.setenv(registration.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="reference"):

