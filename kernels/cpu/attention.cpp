@@ -115,6 +115,11 @@ class Runner {
       : p_(p), task_(task), isa_(active_isa()), mk_(micro_kernels(isa_)),
         bf16_(computes_in_bf16(p, isa_)) {
     scale2_ = p.softmax_scale * kLog2e * (p.layout == Layout::FP8 ? p.k_scale : 1.f);
+    // bytes of a token record (plain layouts: d_qk elements, e.g. unpaged kv of d_qk 512)
+    token_bytes_ = p.layout == Layout::BF16 || p.layout == Layout::FP16 ? 2 * p.d_qk
+                   : p.layout == Layout::FP32                           ? 4 * p.d_qk
+                   : p.layout == Layout::MODEL1_FP8                     ? kModel1Record
+                                                                        : bytes_per_token(p.layout);
   }
 
   void run() {
@@ -162,6 +167,21 @@ class Runner {
     });
   }
 
+  // refs of tokens [j0, j0 + kChunk) of the item; invalid past its end.
+  void gather_chunk(const WorkItem& it, int64_t j0, TokenRef* refs) const {
+    const int n = int(std::min<int64_t>(kChunk, it.end - j0));
+    task_.gather(it.group, j0, n, refs);
+    for (int i = n; i < kChunk; ++i) refs[i] = {nullptr, nullptr};
+  }
+
+  void prefetch(const TokenRef* refs) const {
+    for (int i = 0; i < kChunk; ++i) {
+      if (!refs[i].data) continue;
+      for (int b = 0; b < token_bytes_; b += 64) __builtin_prefetch(refs[i].data + b);
+      if (refs[i].scale) __builtin_prefetch(refs[i].scale);
+    }
+  }
+
   void process(Scratch& sc, const WorkItem& it) {
     const int m = p_.rows, d = p_.d_qk;
     for (int r = 0; r < m; ++r) {
@@ -176,31 +196,37 @@ class Runner {
     std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
-    TokenRef refs[kChunk];
+    TokenRef refs[kChunk], next[kChunk] = {};
     uint8_t valid[kChunk];
     const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
+    gather_chunk(it, it.begin, refs);
     for (int64_t j0 = it.begin; j0 < it.end; j0 += kChunk) {
+      if (j0 + kChunk < it.end) {  // the next chunk's tokens are in other blocks: prefetch
+        gather_chunk(it, j0 + kChunk, next);
+        prefetch(next);
+      }
       const int n = int(std::min<int64_t>(kChunk, it.end - j0));
       bool any = false;
       for (int r = 0; r < m; ++r) {
         sc.row_len[r] = int(std::clamp<int64_t>(sc.rows[r].limit - j0, 0, n));
         any |= sc.row_len[r] > 0;
       }
-      if (!any) continue;  // causal: no row reaches this chunk
-      task_.gather(it.group, j0, n, refs);
-      for (int i = n; i < kChunk; ++i) refs[i] = {nullptr, nullptr};
-      for (int i = 0; i < kChunk; ++i) valid[i] = refs[i].data != nullptr;
-      if (bf16_) {
-        mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
-        mk_.scores_bf16(sc.qb.data(), m, sc.kb.data(), kChunk, d, sc.s.data());
-        mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, sc.p16.data());
-        mk_.pv_bf16(sc.p16.data(), m, kChunk, sc.vp.data(), sc.acc.data());
-      } else {
-        mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
-        mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());
-        mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, nullptr);
-        mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, sc.acc.data());
+      if (any) {  // causal: a chunk no row reaches is skipped
+        for (int i = 0; i < kChunk; ++i) valid[i] = refs[i].data != nullptr;
+        if (bf16_) {
+          mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
+          mk_.scores_bf16(sc.qb.data(), m, sc.kb.data(), kChunk, d, sc.s.data());
+          mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st,
+                      sc.p16.data());
+          mk_.pv_bf16(sc.p16.data(), m, kChunk, sc.vp.data(), sc.acc.data());
+        } else {
+          mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
+          mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());
+          mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, nullptr);
+          mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, sc.acc.data());
+        }
       }
+      std::copy(next, next + kChunk, refs);
     }
     if (it.partial < 0) {
       for (int r = 0; r < m; ++r)
@@ -241,6 +267,7 @@ class Runner {
   const MicroKernels& mk_;
   const bool bf16_;
   float scale2_;
+  int token_bytes_;
   std::vector<float> part_acc_, part_max_, part_sum_;
 };
 
