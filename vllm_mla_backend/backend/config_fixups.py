@@ -19,12 +19,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .registration import current_mode
+from .registration import BLOCK_SIZE_MULTIPLE, current_mode
 
 # A child of vLLM's logger: vLLM configures its handlers and format in every process.
 logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
 
-BLOCK_SIZE_MULTIPLE = 16
 _MARK = "_vllm_mla_backend_wrapped"
 
 

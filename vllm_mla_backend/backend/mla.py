@@ -49,13 +49,12 @@ from vllm.v1.attention.backend import (
 from .. import ops
 from ..decode_schedule import decode_workspace_size
 from ..layouts import D_V, KVLayout
-from .registration import kernel_impl
+from .registration import BLOCK_SIZE_MULTIPLE, kernel_impl
 
 # A child of vLLM's logger: vLLM configures its handlers and format in every process.
 logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
 
 HEAD_SIZE = 576
-BLOCK_SIZE_MULTIPLE = 16
 _startup_logged: set[tuple] = set()
 
 
@@ -155,9 +154,6 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
         cache_dtype = vllm_config.cache_config.cache_dtype
         layout = layout_for(cache_dtype, model_dtype())
         block_size = kv_cache_spec.block_size
-        if block_size % BLOCK_SIZE_MULTIPLE:
-            raise ValueError(f"vllm-mla-backend: block size {block_size} is not a multiple of "
-                             f"{BLOCK_SIZE_MULTIPLE}")
         impl = kernel_impl()
         if impl is None:
             from .. import build

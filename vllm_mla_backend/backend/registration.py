@@ -27,6 +27,9 @@ _NATIVE = ("1", "on", "auto")
 _REFERENCE = ("reference",)
 VALID_VALUES = ("0", "off", "1", "on", "auto", "reference")
 
+# Our kernels take any block size that is a multiple of this (declared to vLLM, enforced on CPU).
+BLOCK_SIZE_MULTIPLE = 16
+
 # vLLM releases this plugin was tested with, per build flavour: (major, minor).
 TESTED_VERSIONS = {"cpu": (0, 32), "cuda": (0, 33)}
 
