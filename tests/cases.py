@@ -8,7 +8,9 @@ unreferenced token, or masks an invalid slot's logit without zeroing its data, r
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -266,3 +268,45 @@ def assert_attention_close(out, lse, out_ref, lse_ref, v_max: float, lse_dims_la
     assert (out[empty] == 0).all(), "empty rows must give out = 0"
     atol_frac, rtol = tolerances(out.dtype)
     torch.testing.assert_close(out.double(), out_ref.double(), atol=atol_frac * v_max, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel instruction sets
+# ------------------------------------------------------------------------------------------
+# VLLM_MLA_CPU_ISA values and the label torch.ops.vllm_mla.cpu_isa() reports for each.
+ISA_LABELS = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx512bf16", "amx": "amx"}
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """Run the CPU kernels at ISA level ``name`` (read by the kernels on every call)."""
+    old = os.environ.get("VLLM_MLA_CPU_ISA")
+    os.environ["VLLM_MLA_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VLLM_MLA_CPU_ISA"]
+        else:
+            os.environ["VLLM_MLA_CPU_ISA"] = old
+
+
+def cpu_isas() -> list[str]:
+    """Every ISA level this CPU runs (the variable only lowers the level)."""
+    levels = []
+    for name, label in ISA_LABELS.items():
+        with forced_isa(name):
+            if torch.ops.vllm_mla.cpu_isa() == label:
+                levels.append(name)
+    return levels
+
+
+def for_each_isa(check) -> None:
+    """Call ``check()`` under every ISA level; a failure names the level."""
+    for name in cpu_isas():
+        with forced_isa(name):
+            try:
+                check()
+            except AssertionError as exc:
+                exc.add_note(f"with VLLM_MLA_CPU_ISA={name}")
+                raise

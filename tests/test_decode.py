@@ -11,7 +11,7 @@ import torch
 
 from vllm_mla_backend.layouts import KVLayout
 
-from cases import assert_attention_close, dense_case, max_abs_v, poisoned_cache
+from cases import assert_attention_close, dense_case, for_each_isa, max_abs_v, poisoned_cache
 
 L = KVLayout
 VARLEN = (0, 1, 37, 300, 129, 2)
@@ -37,9 +37,9 @@ def _id(case):
            f"{f'-pad{pad}' if pad else ''}"
 
 
-def check(case, causal, out=None, q=None):
+def check(case, causal, out=None, q=None, expected=None):
     got_out, got_lse = case.run("cpu", causal, out=out, q=q)
-    want_out, want_lse = case.expected(causal)
+    want_out, want_lse = expected or case.expected(causal)
     assert got_out.dtype == case.q.dtype and got_lse.dtype == torch.float32
     assert got_lse.shape == want_lse.shape
     assert_attention_close(got_out, got_lse, want_out, want_lse, max_abs_v(case.cache,
@@ -49,9 +49,11 @@ def check(case, causal, out=None, q=None):
 
 @pytest.mark.parametrize("params", LAYOUT_CASES, ids=_id)
 def test_layouts_and_block_sizes(params, cpu_kernels):
+    """Under every ISA level the CPU runs (scalar, AVX2, AVX-512 BF16, AMX)."""
     layout, bs, h_q, h_kv, s_q, causal, pad = params
     case = dense_case(layout, bs, VARLEN, h_q, h_kv, s_q, seed=bs + h_q, pad_bytes=pad)
-    check(case, causal)
+    expected = case.expected(causal)
+    for_each_isa(lambda: check(case, causal, expected=expected))
 
 
 @pytest.mark.parametrize("layout,h_q,h_kv", [
@@ -112,13 +114,17 @@ def test_fp32_tight(cpu_kernels):
 @pytest.mark.parametrize("layout", [L.BF16, L.V32_FP8], ids=lambda l: l.name)
 def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
     case = dense_case(layout, 64, (3000, 17, 1), 64, 1, s_q=2, seed=15)
-    torch.set_num_threads(2)
-    first = case.run("cpu", True)
-    again = case.run("cpu", True)
-    torch.set_num_threads(1)
-    single = case.run("cpu", True)
-    for a, b in ((first, again), (first, single)):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def check_isa():
+        torch.set_num_threads(2)
+        first = case.run("cpu", True)
+        again = case.run("cpu", True)
+        torch.set_num_threads(1)
+        single = case.run("cpu", True)
+        for a, b in ((first, again), (first, single)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    for_each_isa(check_isa)
 
 
 @pytest.mark.parametrize("what", ["s_q=0", "h_q=0", "empty cache"])

@@ -15,8 +15,8 @@ import torch
 from vllm_mla_backend import ops, reference
 from vllm_mla_backend.layouts import KVLayout
 
-from cases import (SparseCase, assert_attention_close, assert_lse_close, poisoned_cache,
-                   sink_values, sparse_indices, tolerances)
+from cases import (SparseCase, assert_attention_close, assert_lse_close, for_each_isa,
+                   poisoned_cache, sink_values, sparse_indices, tolerances)
 
 L = KVLayout
 
@@ -49,11 +49,11 @@ def sparse_case(layout, block_size, h_q, topk, b=2, s_q=1, num_slots=700, with_l
     return case
 
 
-def check(case, out=None, q=None):
+def check(case, out=None, q=None, expected=None):
     if q is not None:
         case = SparseCase(**{**case.__dict__, "q": q})
     got_out, got_lse = case.run("cpu", out=out)
-    want_out, want_lse = case.expected()
+    want_out, want_lse = expected or case.expected()
     assert got_lse.shape == want_lse.shape
     assert_attention_close(got_out, got_lse, want_out, want_lse, case.max_abs_v())
     return got_out, got_lse
@@ -86,7 +86,8 @@ def test_sparse_decode(params, cpu_kernels):
     layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = params
     case = sparse_case(layout, bs, h_q, topk, b=3, s_q=s_q, with_length=length, sink=sink,
                        extra=extra, max_valid=max_valid, seed=bs + topk)
-    check(case)
+    expected = case.expected()
+    for_each_isa(lambda: check(case, expected=expected))
 
 
 @pytest.mark.parametrize("layout", [L.V32_FP8, L.MODEL1_FP8, L.BF16], ids=lambda l: l.name)
@@ -133,12 +134,16 @@ def test_noncontiguous_q_and_out(cpu_kernels):
 def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
     case = sparse_case(layout, 64, 64, 2048, b=2, s_q=2, num_slots=4000, sink=True,
                        extra=(64, 512, 1000), seed=6)
-    torch.set_num_threads(2)
-    first, again = case.run("cpu"), case.run("cpu")
-    torch.set_num_threads(1)
-    single = case.run("cpu")
-    for a, b in ((first, again), (first, single)):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def check_isa():
+        torch.set_num_threads(2)
+        first, again = case.run("cpu"), case.run("cpu")
+        torch.set_num_threads(1)
+        single = case.run("cpu")
+        for a, b in ((first, again), (first, single)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    for_each_isa(check_isa)
 
 
 @pytest.mark.parametrize("what", ["topk=0", "empty cache", "s_q=0"])
@@ -191,10 +196,14 @@ def test_sparse_prefill(d_qk, s_q, h_q, s_kv, topk, length, sink, cpu_kernels):
                                                        seed=d_qk + topk, with_length=length,
                                                        sink=sink)
     scale = d_qk ** -0.5
+    want = reference.mla_sparse_prefill(q, kv, indices, scale, sink_t, topk_length)
+    for_each_isa(lambda: _check_prefill(q, kv, indices, scale, sink_t, topk_length, *want))
+
+
+def _check_prefill(q, kv, indices, scale, sink_t, topk_length, want_out, want_max, want_lse):
+    s_q, h_q, _ = q.shape
     out, max_logits, lse = ops.mla_sparse_prefill(q, kv, indices, scale, attn_sink=sink_t,
                                                   topk_length=topk_length, impl="cpu")
-    want_out, want_max, want_lse = reference.mla_sparse_prefill(q, kv, indices, scale, sink_t,
-                                                                topk_length)
     assert out.shape == (s_q, h_q, 512) and out.dtype == torch.bfloat16
     assert max_logits.dtype == lse.dtype == torch.float32
     assert not torch.isnan(out).any()
