@@ -60,8 +60,6 @@ struct Traits {
   // FP8 source chunks (16 B) per token: e4m3 part then the bf16 RoPE part.
   static constexpr int kFp8Chunks = L == Layout::FP8 ? 36 : L == Layout::V32_FP8 ? 32 : 28;
   static constexpr int kSrcChunks = L == Layout::FP8 ? 36 : kFp8Chunks + 8;
-  // Byte offset of the bf16 RoPE part in a token record (V32: after the 16 scale bytes).
-  static constexpr int kRopeBytes = L == Layout::V32_FP8 ? kV32RopeOffset : kModel1DNope;
   static constexpr int kSrcPerThread = (kSrcChunks + kThreadsPerToken - 1) / kThreadsPerToken;
 };
 
@@ -264,6 +262,8 @@ template <Layout L>
 __device__ void load_fp8(const DecodeParams& p, Fp8Stage<L>& st, int b, int n_tok, int tile,
                          int kvh) {
   using Tr = Traits<L>;
+  // Byte offset of the bf16 RoPE part in a token record (V32: after the 16 scale bytes).
+  constexpr int kRopeBytes = L == Layout::V32_FP8 ? kV32RopeOffset : kModel1DNope;
   const int n = threadIdx.x / kThreadsPerToken, sub = threadIdx.x % kThreadsPerToken;
   const TokenAddr a = token_addr<L>(p, b, n_tok, tile * kTileTokens + n, kvh);
   st.ok = a.rec >= 0;
@@ -274,7 +274,7 @@ __device__ void load_fp8(const DecodeParams& p, Fp8Stage<L>& st, int b, int n_to
     st.raw[k] = make_uint4(0, 0, 0, 0);
     st.scale[k] = 0.f;
     if (!st.ok || c >= Tr::kSrcChunks) continue;
-    const int byte = c < Tr::kFp8Chunks ? c * 16 : Tr::kRopeBytes + (c - Tr::kFp8Chunks) * 16;
+    const int byte = c < Tr::kFp8Chunks ? c * 16 : kRopeBytes + (c - Tr::kFp8Chunks) * 16;
     st.raw[k] = __ldg(reinterpret_cast<const uint4*>(rec + byte));
     if (c < Tr::kFp8Chunks) {
       if constexpr (L == Layout::FP8) {
