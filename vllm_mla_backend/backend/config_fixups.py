@@ -56,7 +56,8 @@ def restore_cpu_settings(vllm_config, before: _UserSettings) -> None:
     restored = []
     if before.chunked_prefill and not sched.enable_chunked_prefill:
         sched.enable_chunked_prefill = True
-        sched.max_num_batched_tokens = before.max_num_batched_tokens
+        if before.max_num_batched_tokens is not None:
+            sched.max_num_batched_tokens = before.max_num_batched_tokens
         restored.append("chunked prefill")
     if before.prefix_caching and not cache.enable_prefix_caching:
         cache.enable_prefix_caching = True
