@@ -174,11 +174,23 @@ class Runner {
     for (int i = n; i < kChunk; ++i) refs[i] = {nullptr, nullptr};
   }
 
+  // BF16 chunk of valid tokens at one stride (dense decode within a block): its byte stride,
+  // so K is read in place; 0 otherwise.
+  int64_t in_place_stride(const TokenRef* refs) const {
+    if (p_.layout != Layout::BF16 || !refs[0].data || !refs[1].data) return 0;
+    const int64_t stride = refs[1].data - refs[0].data;
+    if (stride <= 0 || stride % 2) return 0;
+    for (int i = 2; i < kChunk; ++i)
+      if (refs[i].data != refs[0].data + i * stride) return 0;
+    return stride;
+  }
+
+  // into L2 (locality 2): the chunk buffers own L1
   void prefetch(const TokenRef* refs) const {
     for (int i = 0; i < kChunk; ++i) {
       if (!refs[i].data) continue;
-      for (int b = 0; b < token_bytes_; b += 64) __builtin_prefetch(refs[i].data + b);
-      if (refs[i].scale) __builtin_prefetch(refs[i].scale);
+      for (int b = 0; b < token_bytes_; b += 64) __builtin_prefetch(refs[i].data + b, 0, 2);
+      if (refs[i].scale) __builtin_prefetch(refs[i].scale, 0, 2);
     }
   }
 
@@ -214,8 +226,16 @@ class Runner {
       if (any) {  // causal: a chunk no row reaches is skipped
         for (int i = 0; i < kChunk; ++i) valid[i] = refs[i].data != nullptr;
         if (bf16_) {
-          mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
-          mk_.scores_bf16(sc.qb.data(), m, sc.kb.data(), kChunk, d, sc.s.data());
+          const uint16_t* k = sc.kb.data();
+          int64_t k_stride = d;
+          if (const int64_t stride = in_place_stride(refs)) {
+            mk_.pack_v_bf16(refs, kChunk, sc.vp.data());
+            k = reinterpret_cast<const uint16_t*>(refs[0].data);
+            k_stride = stride / 2;
+          } else {
+            mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
+          }
+          mk_.scores_bf16(sc.qb.data(), m, k, k_stride, kChunk, d, sc.s.data());
           mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st,
                       sc.p16.data());
           mk_.pv_bf16(sc.p16.data(), m, kChunk, sc.vp.data(), sc.acc.data());

@@ -27,7 +27,11 @@ struct MicroKernels {
   // kernel's own order (q [M][D] -> packed, M rounded up to 16); P and acc hold that many rows.
   void (*pack_q_bf16)(const uint16_t* q, int m, int d, uint16_t* packed);
   void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp);
-  void (*scores_bf16)(const uint16_t* q, int m, const uint16_t* k, int n, int d, float* s);
+  // BF16 caches whose chunk rows are all valid and evenly spaced skip the K copy: only V is
+  // packed, straight from the cache, and the scores read K rows in place (k_stride elements).
+  void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp);
+  void (*scores_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
+                      float* s);
   void (*pv_bf16)(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc);
 
   // Online softmax over one chunk: s [M][N] raw dot products -> probabilities (in place, and as

@@ -46,10 +46,11 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 }
 
 // s[r][j] = q[r] . k[j] for n = 32 tokens (two token tiles per head block).
-static void scores(const uint16_t* qp, int m, const uint16_t* k, int n, int d, float* s) {
+static void scores(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
+                   float* s) {
   configure_tiles();
   alignas(64) float st[2][kTile][kTile];
-  const int64_t kstride = int64_t(d) * 2;
+  const int64_t kstride = k_stride * 2;  // bytes
   for (int b0 = 0; b0 < m; b0 += kTile) {
     const uint16_t* qb = qp + int64_t(b0) * d;
     _tile_zero(0);
@@ -57,7 +58,7 @@ static void scores(const uint16_t* qp, int m, const uint16_t* k, int n, int d, f
     for (int i = 0; i < d; i += 32) {
       _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
       _tile_loadd(2, k + i, kstride);
-      _tile_loadd(3, k + int64_t(kTile) * d + i, kstride);
+      _tile_loadd(3, k + kTile * k_stride + i, kstride);
       _tile_dpbf16ps(0, 2, 4);
       _tile_dpbf16ps(1, 3, 4);
     }
@@ -105,8 +106,9 @@ namespace vllm_mla::cpu {
 
 const MicroKernels& micro_kernels_amx() {
   const MicroKernels& base = micro_kernels_avx512();
-  static const MicroKernels k{base.load_f32,  base.scores_f32, base.pv_f32, amx::pack_q,
-                              avx512::load_bf16, amx::scores, amx::pv,     avx512::softmax};
+  static const MicroKernels k{base.load_f32,        base.scores_f32, base.pv_f32,
+                              amx::pack_q,          avx512::load_bf16, avx512::pack_v_bf16,
+                              amx::scores,          amx::pv,         avx512::softmax};
   return k;
 }
 

@@ -77,22 +77,23 @@ static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
   }
 }
 
-// vp[j/2][i][2] = (k[j][i], k[j+1][i]) for i < kDV.
-static void pack_v_pairs(const uint16_t* k, int n, int d, uint16_t* vp) {
+// out[i][2] = (a[i], b[i]) for i < kDV: one token pair of V in VNNI order.
+static inline void pack_v_pair(const uint16_t* a, const uint16_t* b, uint16_t* out) {
   const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                           40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                           32, 0);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-  for (int j = 0; j < n; j += 2) {
-    const uint16_t* a = k + int64_t(j) * d;
-    const uint16_t* b = a + d;
-    uint16_t* out = vp + int64_t(j / 2) * kDV * 2;
-    for (int i = 0; i < kDV; i += 32) {
-      const __m512i va = _mm512_loadu_si512(a + i), vb = _mm512_loadu_si512(b + i);
-      _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(va, lo_idx, vb));
-      _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
-    }
+  for (int i = 0; i < kDV; i += 32) {
+    const __m512i va = _mm512_loadu_si512(a + i), vb = _mm512_loadu_si512(b + i);
+    _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(va, lo_idx, vb));
+    _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
   }
+}
+
+static void pack_v_bf16(const TokenRef* refs, int n, uint16_t* vp) {
+  for (int j = 0; j < n; j += 2)
+    pack_v_pair(reinterpret_cast<const uint16_t*>(refs[j].data),
+                reinterpret_cast<const uint16_t*>(refs[j + 1].data), vp + int64_t(j / 2) * kDV * 2);
 }
 
 static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
@@ -102,11 +103,13 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                       uint16_t* vp) {
   for (int j = 0; j < n; ++j) decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
-  pack_v_pairs(k, n, d, vp);
+  for (int j = 0; j < n; j += 2)
+    pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
 }
 
 // s[r][j] = q[r] . k[j]; 4 heads x 4 tokens per register block (d multiple of 32, n of 4).
-static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int n, int d, float* s) {
+static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
+                        int d, float* s) {
   for (int r0 = 0; r0 < m; r0 += 4) {
     const int rn = m - r0 < 4 ? m - r0 : 4;
     for (int j0 = 0; j0 < n; j0 += 4) {
@@ -116,7 +119,7 @@ static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int n, int 
       for (int i = 0; i < d; i += 32) {
         __m512bh kv[4];
         for (int b = 0; b < 4; ++b)
-          kv[b] = (__m512bh)_mm512_loadu_si512(k + int64_t(j0 + b) * d + i);
+          kv[b] = (__m512bh)_mm512_loadu_si512(k + (j0 + b) * k_stride + i);
         for (int a = 0; a < 4; ++a) {
           const __m512bh qv =
               (__m512bh)_mm512_loadu_si512(q + int64_t(r0 + (a < rn ? a : 0)) * d + i);
