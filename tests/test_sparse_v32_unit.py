@@ -156,9 +156,10 @@ def test_backend_class_and_slot():
     assert s.MLASparseImpl.supports_dense_mha_prefill is False
     combo = dict(dtype=torch.bfloat16, block_size=64, use_mla=True, has_sink=False,
                  use_sparse=True, use_mm_prefix=False, device_capability=None)
-    assert s.MLASparseBackend.supports_combination(576, kv_cache_dtype="fp8_ds_mla", **combo) is None
-    assert "nvfp4" in s.MLASparseBackend.supports_combination(576, kv_cache_dtype="nvfp4_ds_mla",
-                                                             **combo)
+    check = s.MLASparseBackend.supports_combination
+    assert check(576, kv_cache_dtype="fp8_ds_mla", **combo) is None
+    assert "nvfp4" in check(576, kv_cache_dtype="nvfp4_ds_mla", **combo)
+    assert "576" in check(512, kv_cache_dtype="auto", **combo)
     saved = dict(_ATTN_OVERRIDES)
     try:
         s.install()

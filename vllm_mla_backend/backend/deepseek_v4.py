@@ -49,6 +49,25 @@ _CUDA_MODULE = "vllm.models.deepseek_v4.nvidia.flashmla"
 _CUDA_NAMES = ("flash_mla_with_kvcache", "flash_mla_sparse_fwd")
 
 _saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
+V4_ARCHITECTURES = ("DeepseekV4ForCausalLM",)
+
+
+def register() -> None:
+    """The plugin hook (cheap: no V4 import): vLLM resolves the V4 architecture through this
+    module, whose ``__getattr__`` installs the patch first, in whichever process builds the
+    model, and then hands back vLLM's own class."""
+    from vllm import ModelRegistry
+
+    for arch in V4_ARCHITECTURES:
+        ModelRegistry.register_model(arch, f"{__name__}:{arch}")
+
+
+def __getattr__(name: str):
+    if name in V4_ARCHITECTURES:
+        install()
+        import vllm.models.deepseek_v4 as v4_models
+        return getattr(v4_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install() -> None:
@@ -152,7 +171,8 @@ def paged_cache_view(cache: torch.Tensor, block_size: int) -> torch.Tensor:
                           raw.storage_offset())
 
 
-def gptj_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+def gptj_rope(x: torch.Tensor, positions: torch.Tensor,
+              cos_sin_cache: torch.Tensor) -> torch.Tensor:
     """GPT-J (interleaved pairs) RoPE of ``x [T, 64]`` in float32, rounded to x's dtype.
 
     ``cos_sin_cache [max_pos, 64]`` holds cos for the 32 pairs then sin (vLLM's layout)."""
@@ -181,7 +201,8 @@ def window_positions(positions: torch.Tensor, window: int) -> torch.Tensor:
     return torch.where(local >= 0, local, torch.full_like(local, -1))
 
 
-def c128_positions(positions: torch.Tensor, compress_ratio: int, max_model_len: int) -> torch.Tensor:
+def c128_positions(positions: torch.Tensor, compress_ratio: int,
+                   max_model_len: int) -> torch.Tensor:
     """Dense compressed-cache list of a C128-style layer: entries ``< (pos + 1) // ratio``."""
     width = -(-max_model_len // compress_ratio)
     count = torch.div(positions + 1, compress_ratio, rounding_mode="floor").clamp(max=width)
