@@ -40,7 +40,7 @@ from vllm_mla_backend import ops
 from vllm_mla_backend.layouts import D_V, KVLayout, as_layout
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## CPU"
+SECTION = "## CPU: dense and sparse decode (bench_cpu.py)"
 GIB = 1 << 30
 TEMPLATE_BLOCKS = 16          # distinct blocks of real tokens, tiled over the whole cache
 
@@ -394,8 +394,8 @@ def main(argv=None) -> int:
             for row in new:
                 print(" | ".join(row.cells(machine, None)[:8]), file=sys.stderr)
             rows += new
-    text = report(rows, machine, args, "python benchmarks/bench_cpu.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+    text = report(rows, machine, args, " ".join(
+        ["python benchmarks/bench_cpu.py", *(argv if argv is not None else sys.argv[1:])]))
     print(text)
     if args.write_results:
         write_results(text)
