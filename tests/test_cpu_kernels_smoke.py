@@ -6,6 +6,8 @@ the choice, so one machine exercises each path it supports.  Small shapes, poiso
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -98,3 +100,32 @@ def test_sparse_prefill_every_isa(isa, dtype, d_qk):
     torch.testing.assert_close(max_logits[finite].double(), max_ref[finite], atol=1e-3, rtol=1e-3)
     assert_attention_close(out[:, None], lse[:, :, None], out_ref[:, None], lse_ref[:, :, None],
                            float(kv.float().abs().max()))
+
+
+@pytest.mark.parametrize("layout,scale", [
+    (KVLayout.V32_FP8, 2.0**-13), (KVLayout.V32_FP8, 2.0**20), (KVLayout.V32_FP8, 2.0**-110),
+    (KVLayout.V32_FP8, 2.0**110), (KVLayout.V32_FP8, 0.37),  # not a power of two: other path
+    (KVLayout.MODEL1_FP8, 2.0**-13), (KVLayout.MODEL1_FP8, 2.0**-110),
+    (KVLayout.MODEL1_FP8, 2.0**110), (KVLayout.FP8, 0.03)])
+def test_fp8_dequantization_is_exact(isa, layout, scale):
+    """One token attended alone gives out = V: every non-NaN e4m3 byte, dequantized in the
+    kernel, must equal the reference's read_kv exactly."""
+    cache = ops.alloc_kv_cache(1, 1, layout)
+    raw = ops.cache_bytes(cache, layout)
+    flat = torch.as_strided(raw, (raw.untyped_storage().nbytes(),), (1,), 0)
+    non_nan = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    d_nope = layout.d_nope
+    flat[:d_nope] = non_nan[torch.arange(d_nope) % len(non_nan)]
+    rope = torch.randn(64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    if layout is KVLayout.V32_FP8:
+        flat[512:528] = torch.full((4,), scale, dtype=torch.float32).view(torch.uint8)
+        flat[528:656] = rope.view(torch.uint8)
+    elif layout is KVLayout.MODEL1_FP8:
+        flat[448:576] = rope.view(torch.uint8)
+        flat[576:583] = 127 + int(math.log2(scale))
+    k_scale = scale if layout is KVLayout.FP8 else None
+    expected = ops.read_kv(cache, layout, k_scale=k_scale, impl="reference")[0, 0, :512]
+    q = torch.zeros(1, 1, 2, layout.d_qk, dtype=torch.bfloat16)
+    out, _ = ops.mla_decode(q, cache, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.ones(1, dtype=torch.int32), layout, k_scale=k_scale, impl="cpu")
+    assert torch.equal(out[0, 0, 0].float(), expected.float())  # (-0 and +0 compare equal)

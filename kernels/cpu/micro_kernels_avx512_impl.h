@@ -36,12 +36,56 @@ static inline __m512 e4m3x16_to_f32(const uint8_t* src, __m512 scale) {
   return _mm512_mask_mov_ps(f, nan, _mm512_set1_ps(__builtin_nanf("")));
 }
 
-// `count` (multiple of 32) e4m3 -> bf16 with one multiplier.
-static inline void e4m3_to_bf16(const uint8_t* src, int count, float scale, uint16_t* dst) {
+// `count` (multiple of 32) e4m3 -> bf16 times any float multiplier, through float32.
+static inline void e4m3_to_bf16_via_f32(const uint8_t* src, int count, float scale,
+                                        uint16_t* dst) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int i = 0; i < count; i += 32) {
     const __m512 lo = e4m3x16_to_f32(src + i, s), hi = e4m3x16_to_f32(src + i + 16, s);
     _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// bf16 bits of the 128 e4m3 magnitudes (every e4m3 value is exact in bf16).
+struct E4m3Bf16Table {
+  alignas(64) uint16_t bits[128];
+  E4m3Bf16Table() {
+    for (int m = 0; m < 128; ++m) bits[m] = float_to_bf16(e4m3_to_float(uint8_t(m)));
+  }
+};
+
+// The same for a multiplier 2^k: a table lookup (vpermi2w) then k added to the exponent field
+// of the finite non-zero values (all normal in bf16 for |k| <= 100, so the result is exact).
+static inline void e4m3_to_bf16_pow2(const uint8_t* src, int count, int k, uint16_t* dst) {
+  static const E4m3Bf16Table table;
+  const __m512i t0 = _mm512_load_si512(table.bits), t1 = _mm512_load_si512(table.bits + 32);
+  const __m512i t2 = _mm512_load_si512(table.bits + 64), t3 = _mm512_load_si512(table.bits + 96);
+  const __m512i adj = _mm512_set1_epi16(int16_t(k * 128));
+  const __m512i low7 = _mm512_set1_epi16(0x7f), one = _mm512_set1_epi16(1);
+  for (int i = 0; i < count; i += 32) {
+    const __m512i b =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    const __m512i mag = _mm512_and_si512(b, low7);
+    __m512i v = _mm512_mask_mov_epi16(_mm512_permutex2var_epi16(t0, mag, t1),
+                                      _mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)),
+                                      _mm512_permutex2var_epi16(t2, mag, t3));
+    const __mmask32 finite_nonzero =  // magnitude in [1, 0x7e]: not zero, not NaN
+        _mm512_cmplt_epu16_mask(_mm512_sub_epi16(mag, one), _mm512_set1_epi16(0x7e));
+    v = _mm512_mask_add_epi16(v, finite_nonzero, v, adj);
+    v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_andnot_si512(low7, b), 8));  // sign
+    _mm512_storeu_si512(dst + i, v);
+  }
+}
+
+// `count` (multiple of 32) e4m3 -> bf16 with one multiplier (the DeepSeek formats' tile scales
+// are powers of two: the fast path).
+static inline void e4m3_to_bf16(const uint8_t* src, int count, float scale, uint16_t* dst) {
+  const uint32_t bits = float_to_bits(scale);
+  const int k = int((bits >> 23) & 0xff) - 127;
+  if ((bits & 0x807fffffu) == 0 && k >= -100 && k <= 100) {
+    e4m3_to_bf16_pow2(src, count, k, dst);
+  } else {
+    e4m3_to_bf16_via_f32(src, count, scale, dst);
   }
 }
 
