@@ -22,8 +22,8 @@ import pytest
 import torch
 
 RUNNER = Path(__file__).with_name("v4_runner.py")
-PROMPT_LENGTHS = (300, 150, 40)     # > window (64) and > ratio (128); one shorter than both
-MAX_TOKENS = 12
+PROMPT_LENGTHS = (260, 140, 40)     # > window (64) and > ratio (128); one shorter than both
+MAX_TOKENS = 8
 LOGPROB_ATOL = 0.1
 
 pytestmark = pytest.mark.slow
