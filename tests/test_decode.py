@@ -96,11 +96,12 @@ def test_noncontiguous_q_and_out(cpu_kernels):
     b, s_q, h_q, d = case.q.shape
     q_strided = torch.empty(b, h_q, s_q, d + 8, dtype=case.q.dtype)[..., :d].transpose(1, 2)
     q_strided.copy_(case.q)
-    out = torch.full((b, h_q, s_q, 600), float("nan"), dtype=case.q.dtype)[..., :512]
-    out = out.transpose(1, 2)
+    base = torch.full((b, h_q, s_q, 600), float("nan"), dtype=case.q.dtype)
+    out = base[..., :512].transpose(1, 2)
     assert not q_strided.is_contiguous() and not out.is_contiguous()
     got, _ = check(case, causal=True, out=out, q=q_strided)
     assert got.data_ptr() == out.data_ptr()
+    assert torch.isnan(base[..., 512:]).all(), "wrote outside out's view"
     contiguous, _ = case.run("cpu", True)
     assert torch.equal(out, contiguous)
 

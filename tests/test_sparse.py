@@ -125,9 +125,11 @@ def test_noncontiguous_q_and_out(cpu_kernels):
     b, s_q, h_q, d = case.q.shape
     q = torch.empty(b, h_q, s_q, d + 64, dtype=torch.bfloat16)[..., :d].transpose(1, 2)
     q.copy_(case.q)
-    out = torch.empty(s_q, b, h_q, 520, dtype=torch.bfloat16)[..., :512].transpose(0, 1)
+    base = torch.full((s_q, b, h_q, 520), float("nan"), dtype=torch.bfloat16)
+    out = base[..., :512].transpose(0, 1)
     got, _ = check(case, out=out, q=q)
     assert got.data_ptr() == out.data_ptr()
+    assert torch.isnan(base[..., 512:]).all(), "wrote outside out's view"
 
 
 @pytest.mark.parametrize("layout", [L.V32_FP8, L.MODEL1_FP8], ids=lambda l: l.name)
