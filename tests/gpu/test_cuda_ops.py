@@ -24,9 +24,9 @@ def device_bytes(cache: torch.Tensor) -> torch.Tensor:
     return raw.cpu()
 
 
-def to_cuda_cache(cache: torch.Tensor) -> torch.Tensor:
-    """Same bytes, shape, strides and padding, on the GPU."""
-    flat = storage_bytes(cache).to(DEV).view(cache.dtype)
+def to_cuda_cache(cache: torch.Tensor, device=DEV) -> torch.Tensor:
+    """Same bytes, shape, strides and padding, on ``device`` (a copy)."""
+    flat = storage_bytes(cache).to(device).view(cache.dtype)
     return flat.as_strided(cache.shape, cache.stride(), cache.storage_offset())
 
 
@@ -65,7 +65,7 @@ def test_write_kv_bytes_match_reference(cuda_kernels, layout, block_size, h_kv, 
     if layout.has_tile_scales:  # scale extremes: an all-zero tile and a huge one
         nope[0].zero_()
         nope[1, :, :64] = 3e4 if in_dtype != torch.float32 else 3e30
-    want = cache.clone()
+    want = to_cuda_cache(cache, "cpu")
     ops.write_kv(want, nope, rope, slots, layout, k_scale=k_scale_of(layout), impl="reference")
     got = to_cuda_cache(cache)
     ops.write_kv(got, nope.to(DEV), rope.to(DEV), slots.to(DEV), layout,
