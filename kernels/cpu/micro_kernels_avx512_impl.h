@@ -200,7 +200,7 @@ static void pv_bf16(const uint16_t* p, int m, int n, const uint16_t* vp, float* 
   for (; r < m; ++r) pv_block<1>(p + int64_t(r) * n, n, vp, acc + int64_t(r) * kDV);
 }
 
-// Online softmax (see micro_kernels.h); n is a multiple of 16 and at most 32.
+// Online softmax (see micro_kernels.h); n == 32.
 static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row_len,
                     float scale2, SoftmaxState st, uint16_t* p16) {
   uint32_t valid_bits = 0;
