@@ -156,8 +156,20 @@ def load(impl: str = "cpu") -> str:
     """Make the ``torch.ops.vllm_mla`` kernels for ``impl`` available; returns the library path.
 
     One library per process registers every op: the CUDA extension carries the CPU kernels too,
-    so on a CUDA machine it serves both ``impl="cpu"`` and ``impl="cuda"``.
+    so on a CUDA machine it serves both ``impl="cpu"`` and ``impl="cuda"``.  Every op call goes
+    through here: after the first, the answer is memoized (the spec key reads /proc/cpuinfo and
+    hashes the sources: about 1 ms, several times a decode kernel on small batches).
     """
+    resolved = _RESOLVED.get(impl)
+    if resolved is None:
+        resolved = _RESOLVED[impl] = _load(impl)
+    return resolved
+
+
+_RESOLVED: dict[str, str] = {}   # impl -> library path, once load(impl) succeeded
+
+
+def _load(impl: str) -> str:
     if impl == "cuda" and not _wants_cuda():
         raise RuntimeError("impl='cuda' needs a CUDA build of torch and a visible GPU")
     spec = cuda_spec() if _wants_cuda() else cpu_spec()
