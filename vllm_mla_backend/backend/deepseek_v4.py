@@ -49,6 +49,7 @@ _CUDA_MODULE = "vllm.models.deepseek_v4.nvidia.flashmla"
 _CUDA_NAMES = ("flash_mla_with_kvcache", "flash_mla_sparse_fwd")
 
 _saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
+_registry_saved: dict[str, object] = {}        # architecture -> vLLM's ModelRegistry entry
 V4_ARCHITECTURES = ("DeepseekV4ForCausalLM",)
 
 
@@ -59,7 +60,22 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for arch in V4_ARCHITECTURES:
+        if arch not in _registry_saved:
+            _registry_saved[arch] = ModelRegistry.models.get(arch)
         ModelRegistry.register_model(arch, f"{__name__}:{arch}")
+
+
+def unregister() -> None:
+    """Undo ``register()`` and ``install()`` (switching the backend off within one process)."""
+    from vllm import ModelRegistry
+
+    for arch, entry in _registry_saved.items():
+        if entry is None:
+            ModelRegistry.models.pop(arch, None)
+        else:
+            ModelRegistry.models[arch] = entry
+    _registry_saved.clear()
+    uninstall()
 
 
 def __getattr__(name: str):

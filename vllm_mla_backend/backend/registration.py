@@ -7,7 +7,8 @@ times: it is idempotent, builds no kernel and imports only vLLM's registry and p
   unset, ``0``, ``off``      register our backend as ``AttentionBackendEnum.CUSTOM`` only;
   ``1``, ``on``, ``auto``    also take over the MLA slots vLLM's selector picks (CPU: CPU_MLA
                              and AMX_MLA; CUDA: the dense MLA priority list and, for V3.2,
-                             FLASHMLA_SPARSE), native kernels;
+                             FLASHMLA_SPARSE) and DeepSeek V4's attention (backend/deepseek_v4.py),
+                             native kernels;
   ``reference``              as ``1`` with the torch reference ops (debugging, slow).
 """
 
@@ -116,9 +117,12 @@ def register() -> None:
 
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from . import deepseek_v4
+
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     if mode == "off":
         _release_slots(AttentionBackendEnum)
+        deepseek_v4.unregister()
     else:
         from vllm.platforms import current_platform
 
@@ -136,6 +140,8 @@ def register() -> None:
             for name, path in CUDA_SPARSE_SLOTS.items():
                 if name in AttentionBackendEnum.__members__:
                     register_backend(AttentionBackendEnum[name], path)
+        # DeepSeek V4 picks its attention inside the model: routed through our module lazily.
+        deepseek_v4.register()
         from . import config_fixups, rope_fix
 
         config_fixups.install(type(current_platform))
