@@ -58,7 +58,8 @@ def encode_tokens(kv_nope: torch.Tensor, k_rope: torch.Tensor, layout: KVLayout,
     if layout in (KVLayout.BF16, KVLayout.FP16, KVLayout.FP32):
         return _bytes(torch.cat([nope, rope], -1).to(layout.value_dtype))
     if layout is KVLayout.FP8:
-        x = torch.cat([nope, rope], -1) / torch.tensor(k_scale, dtype=torch.float32, device=nope.device)
+        scale = torch.tensor(k_scale, dtype=torch.float32, device=nope.device)
+        x = torch.cat([nope, rope], -1) / scale
         return _bytes(x.clamp(-FP8_MAX, FP8_MAX).to(_E4M3))
     rope_bytes = _bytes(rope.to(torch.bfloat16))
     if layout is KVLayout.V32_FP8:
@@ -141,7 +142,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, softmax_scale:
     s = softmax_scale * torch.einsum("rkgd,rnkd->rkgn", qg, k)
     s = s.masked_fill(~valid[:, None, None, :], -math.inf).flatten(1, 2)  # [R, h_q, N]
     empty = ~valid.any(-1)[:, None].expand(r, h_q)
-    max_logits = s.amax(-1) if s.shape[-1] else torch.full((r, h_q), -math.inf, dtype=dtype, device=q.device)
+    max_logits = (s.amax(-1) if s.shape[-1] else
+                  torch.full((r, h_q), -math.inf, dtype=dtype, device=q.device))
     lse = torch.logsumexp(s, -1) if s.shape[-1] else max_logits.clone()
     p = torch.exp(s - lse[..., None]).masked_fill(empty[..., None], 0)
     out = torch.einsum("rkgn,rnkd->rkgd", p.unflatten(1, (h_kv, h_q // h_kv)), k[..., :D_V])
@@ -169,7 +171,7 @@ def mla_decode(q, cache, block_table, seq_lens, layout: KVLayout, softmax_scale:
     k = kv[blocks].flatten(1, 2) if kv.shape[0] else kv.new_zeros(b, 0, kv.shape[2], d)
     limit = seq_lens.long()[:, None]
     if causal:
-        limit = limit - (s_q - 1 - torch.arange(s_q, device=q.device))[None, :]             # [b, s_q]
+        limit = limit - (s_q - 1 - torch.arange(s_q, device=q.device))[None, :]  # [b, s_q]
     else:
         limit = limit.expand(b, s_q)
     valid = t[None, None, :] < limit[..., None]                             # [b, s_q, N]
@@ -184,7 +186,8 @@ def _gather_sparse(kv_flat, indices, topk_length):
     idx = indices.long()
     valid = (idx >= 0) & (idx < n)
     if topk_length is not None:
-        valid &= torch.arange(idx.shape[-1], device=idx.device)[None, None, :] < topk_length.long()[:, None, None]
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        valid &= slot[None, None, :] < topk_length.long()[:, None, None]
     if n == 0:
         return kv_flat.new_zeros(*idx.shape, *kv_flat.shape[1:]), valid
     return kv_flat[torch.where(valid, idx, 0)], valid
@@ -212,6 +215,7 @@ def mla_sparse_prefill(q, kv, indices, softmax_scale: float, attn_sink=None, top
     k, valid = _gather_sparse(kv.float(), indices[:, 0][None], None)
     k, valid = k[0], valid[0]
     if topk_length is not None:
-        valid &= torch.arange(valid.shape[-1], device=valid.device)[None, :] < topk_length.long()[:, None]
+        slot = torch.arange(valid.shape[-1], device=valid.device)
+        valid &= slot[None, :] < topk_length.long()[:, None]
     out, lse, max_logits = attend(q, k, valid, softmax_scale, attn_sink, dtype=dtype)
     return out, max_logits, lse
