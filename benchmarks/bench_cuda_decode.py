@@ -12,63 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import DEV, cuda_time, filled_cache, machine_peaks  # noqa: E402
 from vllm_mla_backend import ops  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout, as_layout  # noqa: E402
 
-DEV = "cuda"
 BLOCK = 64
-
-
-def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
-    """Median seconds per call, CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def machine_peaks() -> tuple[float, float]:
-    """(copy GB/s counting read + write, bf16 matmul TFLOPS) measured now."""
-    n = 1 << 30  # 1 GiB
-    src = torch.empty(n, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    bw = 2 * n / cuda_time(lambda: dst.copy_(src)) / 1e9
-    del src, dst
-    m = 8192
-    a = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
-    b = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
-    tf = 2 * m**3 / cuda_time(lambda: a @ b) / 1e12
-    return bw, tf
-
-
-def filled_cache(layout: KVLayout, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
-    """A cache of num_tokens random tokens (written by our write_kv kernel in chunks)."""
-    nb = math.ceil(num_tokens / BLOCK)
-    cache = ops.alloc_kv_cache(nb, BLOCK, layout, device=DEV)
-    k_scale = 0.05 if layout is KVLayout.FP8 else None
-    chunk = 1 << 18
-    for start in range(0, nb * BLOCK, chunk):
-        t = min(chunk, nb * BLOCK - start)
-        x = torch.randn(t, layout.d_qk, device=DEV, generator=gen).to(layout.value_dtype)
-        ops.write_kv(cache, x[:, : layout.d_nope], x[:, layout.d_nope:],
-                     torch.arange(start, start + t, device=DEV), layout, k_scale=k_scale,
-                     impl="cuda")
-    return cache
 
 
 def flashinfer_peer():
@@ -84,7 +39,6 @@ def time_flashinfer(wrapper_cls, cache, block_table, seq_lens, q, scale) -> floa
     """FlashInfer's MLA decode on the same BF16 cache (split into its ckv / kpe tensors)."""
     try:
         b, s_q, h_q, _ = q.shape
-        nb = cache.shape[0]
         ckv = cache[:, :, 0, :512].contiguous()
         kpe = cache[:, :, 0, 512:].contiguous()
         lens = seq_lens.to(torch.int32)
@@ -131,7 +85,7 @@ def main(argv=None) -> int:
     rows, records, skipped = [], [], 0
     for name in args.layouts.split(","):
         layout = as_layout(name)
-        cache = filled_cache(layout, b * max(contexts), gen)
+        cache = filled_cache(layout, b * max(contexts), BLOCK, gen)
         nb = cache.shape[0]
         per_req = nb // b
         block_table = torch.arange(nb, dtype=torch.int32, device=DEV)[: b * per_req].view(b, per_req)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, one command: on a CUDA machine with PyTorch (no vLLM needed) build the CUDA
-# extension, run the GPU tests and the decode benchmark, and print a short table last.
+# extension, run the GPU tests and the dense / sparse benchmarks, and print a short table last.
 # Budget: under 8 minutes on an H200.  Logs go to $OUT (default .cache/gpu-check).
 #
 #   OUT=/tmp/out scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
@@ -65,26 +65,32 @@ run_tests() {  # name, timeout, pytest args...
 }
 tests_rc=99; tests_line="not run (build failed)"; grid_line="not run"
 if [ $build_rc -eq 0 ]; then
-  echo "== GPU tests: targeted (schedule, graphs, determinism, large shapes, bytes) =="
-  r=$(run_tests gpu-tests "$(share 120 33)" tests/gpu -k "not decode_grid")
+  echo "== GPU tests: targeted (sparse, schedule, graphs, determinism, large shapes, bytes) =="
+  r=$(run_tests gpu-tests "$(share 150 35)" tests/gpu -k "not decode_grid")
   tests_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); tests_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
   echo "$r" | sed '$d'
   echo "== GPU tests: decode grid (every layout x block size x heads x s_q) =="
-  r=$(run_tests gpu-grid "$(share 150 55)" tests/gpu -k "decode_grid")
+  r=$(run_tests gpu-grid "$(share 140 50)" tests/gpu -k "decode_grid")
   grid_rc=$(echo "$r" | tail -1 | cut -d'|' -f1); grid_line=$(echo "$r" | tail -1 | cut -d'|' -f2-)
   echo "$r" | sed '$d'
   [ "$grid_rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$grid_rc
 fi
 tests_s=$(elapsed)
 
-bench_rc=99
+bench_rc=99; sparse_rc=99
 if [ $build_rc -eq 0 ]; then
-  echo "== decode benchmark =="
-  bench_s=$(share 130 95)
+  echo "== dense decode benchmark =="
+  bench_s=$(share 110 55)
   timeout "$bench_s" "$PY" benchmarks/bench_cuda_decode.py --budget-s $(( bench_s * 7 / 10 )) \
     --json "$OUT/bench.json" \
     > "$OUT/bench.log" 2> "$OUT/bench.err"
   bench_rc=$?
+  echo "== sparse decode / prefill benchmark =="
+  sparse_s=$(share 90 95)
+  timeout "$sparse_s" "$PY" benchmarks/bench_cuda_sparse.py --budget-s $(( sparse_s * 6 / 10 )) \
+    --json "$OUT/bench_sparse.json" \
+    > "$OUT/bench_sparse.log" 2> "$OUT/bench_sparse.err"
+  sparse_rc=$?
 fi
 
 echo
@@ -93,8 +99,8 @@ head -1 "$OUT/env.log"
 echo "build:     rc=$build_rc (${build_s} s)   log: $OUT/build.log"
 echo "tests:     rc=$tests_rc (${tests_s} s)   targeted: $tests_line"
 echo "                              grid:     $grid_line"
-echo "benchmark: rc=$bench_rc                  log: $OUT/bench.log"
-if [ -f "$OUT/bench.log" ]; then
-  sed -n '/^device /,$p' "$OUT/bench.log"
-fi
+echo "benchmarks: dense rc=$bench_rc, sparse rc=$sparse_rc   logs: $OUT/bench.log, $OUT/bench_sparse.log"
+for log in "$OUT/bench.log" "$OUT/bench_sparse.log"; do
+  [ -f "$log" ] && sed -n '/^device /,$p' "$log"
+done
 [ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ]

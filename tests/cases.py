@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_mla_backend import ops, reference
-from vllm_mla_backend.layouts import D_ROPE, D_V, KVLayout
+from vllm_mla_backend.layouts import D_V, KVLayout
 
 POISON = 0xFF
 # Block-table entries past a sequence: never read, so anything goes.
@@ -229,6 +229,78 @@ def sink_values(h_q: int, gen: torch.Generator) -> torch.Tensor:
     if h_q > 1:
         sink[h_q // 2] = -math.inf
     return sink
+
+
+def sparse_lengths(b, topk, gen, zero_first=True) -> torch.Tensor:
+    """topk_length [b]: random in [0, topk], the first 0 (unless not zero_first), the last topk."""
+    length = torch.randint(0, topk + 1, (b,), generator=gen, dtype=torch.int32)
+    if zero_first:
+        length[0] = 0
+    length[-1] = topk
+    return length
+
+
+def sparse_case(layout, block_size, h_q, topk, b=2, s_q=1, num_slots=700, with_length=True,
+                sink=False, extra=None, max_valid=None, seed=0) -> SparseCase:
+    """A sparse-decode case over poisoned caches; extra: (block_size, topk, num_slots) of an
+    extra cache in the same layout."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = poisoned_cache(layout, -(-num_slots // block_size), block_size)
+    topk_length = sparse_lengths(b, topk, gen) if with_length else None
+    indices = sparse_indices(cache, layout, b, s_q, topk, gen, topk_length, max_valid=max_valid)
+    case = SparseCase(layout, (2.0 * torch.randn(b, s_q, h_q, layout.d_qk, generator=gen))
+                      .to(torch.bfloat16), cache, indices, topk_length)
+    if sink:
+        case.attn_sink = sink_values(h_q, gen)
+    if extra:
+        x_bs, x_topk, x_slots = extra
+        case.extra_cache = poisoned_cache(layout, -(-x_slots // x_bs), x_bs)
+        case.extra_topk_length = sparse_lengths(b, x_topk, gen, zero_first=False)
+        case.extra_indices = sparse_indices(case.extra_cache, layout, b, s_q, x_topk, gen,
+                                            case.extra_topk_length)
+    return case
+
+
+# (layout, block_size, h_q, topk, s_q, topk_length, sink, extra, max_valid)
+SPARSE_CASES = [
+    (KVLayout.V32_FP8, 64, 16, 64, 1, True, False, None, None),
+    (KVLayout.V32_FP8, 1, 128, 576, 2, False, True, (53, 64, 300), None),
+    (KVLayout.V32_FP8, 64, 64, 2048, 1, True, False, None, 300),
+    (KVLayout.MODEL1_FP8, 256, 64, 64, 2, False, True, (64, 576, 900), None),
+    (KVLayout.MODEL1_FP8, 64, 128, 2048, 1, True, True, None, 500),
+    (KVLayout.MODEL1_FP8, 2, 16, 576, 1, True, False, None, None),
+    (KVLayout.BF16, 16, 64, 576, 1, False, True, None, None),
+    (KVLayout.BF16, 69, 16, 2048, 2, True, False, (1, 64, 50), 100),
+    (KVLayout.BF16, 64, 128, 64, 2, True, True, None, None),
+    (KVLayout.FP8, 16, 64, 576, 1, True, True, (64, 64, 200), None),
+]
+
+
+def sparse_case_id(p) -> str:
+    layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = p
+    return (f"{layout.name}-B{bs}-hq{h_q}-topk{topk}-sq{s_q}" + ("-len" if length else "")
+            + ("-sink" if sink else "") + (f"-extraB{extra[0]}k{extra[1]}" if extra else "")
+            + (f"-valid{max_valid}" if max_valid else ""))
+
+
+def prefill_case(d_qk, s_q, h_q, s_kv, topk, seed, with_length=True, sink=False):
+    """q, kv, indices, topk_length, attn_sink of a sparse prefill; kv rows not referenced by a
+    valid index are NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, max(s_kv, 1), (s_q, 1, topk), generator=gen, dtype=torch.int32)
+    bad = torch.tensor([-1, -5, s_kv, s_kv + 100, 2**31 - 1], dtype=torch.int32)
+    invalid = torch.rand(s_q, 1, topk, generator=gen) < 0.3
+    indices = torch.where(invalid, bad[torch.randint(0, 5, indices.shape, generator=gen)], indices)
+    topk_length = sparse_lengths(s_q, topk, gen) if with_length else None
+    used = (indices >= 0) & (indices < s_kv)
+    if topk_length is not None:
+        used &= torch.arange(topk)[None, None, :] < topk_length[:, None, None]
+    kv = torch.full((s_kv, 1, d_qk), math.nan, dtype=torch.bfloat16)
+    rows = torch.unique(indices[used]).long()
+    kv[rows] = torch.randn(len(rows), 1, d_qk, generator=gen).to(torch.bfloat16)
+    q = (2.0 * torch.randn(s_q, h_q, d_qk, generator=gen)).to(torch.bfloat16)
+    sink_t = sink_values(h_q, gen) if sink else None
+    return q, kv, indices, topk_length, sink_t
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,27 +6,25 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from cases import dense_case
+from cases import dense_case, sparse_case
 from vllm_mla_backend import build_cuda, decode_schedule, ops, reference
 from vllm_mla_backend.build import kernels_dir
 from vllm_mla_backend.layouts import KVLayout
 
 PTXAS_LOG = """\
 ptxas info    : 0 bytes gmem
-ptxas info    : Compiling entry function '_Z13decode_kernelILi0EEvv' for 'sm_80'
-ptxas info    : Function properties for _Z13decode_kernelILi0EEvv
+ptxas info    : Compiling entry function '_Z16attention_kernelILi0EEvv' for 'sm_80'
+ptxas info    : Function properties for _Z16attention_kernelILi0EEvv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 192 registers, used 1 barriers, 400 bytes cmem[0]
 ptxas info    : Function properties for _Z6helperv
     24 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
-ptxas info    : Compiling entry function '_Z13decode_kernelILi3EEvv' for 'sm_90a'
-ptxas info    : Function properties for _Z13decode_kernelILi3EEvv
+ptxas info    : Compiling entry function '_Z16attention_kernelILi3EEvv' for 'sm_90a'
+ptxas info    : Function properties for _Z16attention_kernelILi3EEvv
     40 bytes stack frame, 36 bytes spill stores, 28 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 1040 bytes smem, 400 bytes cmem[0]
 ptxas info    : Compiling entry function '_Z15write_kv_kernelv' for 'sm_80'
@@ -43,23 +41,26 @@ def test_ptxas_parser_reads_every_entry_and_skips_device_functions():
     usages = build_cuda.parse_ptxas(PTXAS_LOG, "decode.cu")
     assert [(u.kernel, u.arch, u.registers, u.spill_stores, u.spill_loads, u.smem)
             for u in usages] == [
-        ("_Z13decode_kernelILi0EEvv", "sm_80", 192, 0, 0, 0),
-        ("_Z13decode_kernelILi3EEvv", "sm_90a", 255, 36, 28, 1040),
+        ("_Z16attention_kernelILi0EEvv", "sm_80", 192, 0, 0, 0),
+        ("_Z16attention_kernelILi3EEvv", "sm_90a", 255, 36, 28, 1040),
         ("_Z15write_kv_kernelv", "sm_80", 40, 4, 4, 0),
     ]
 
 
-def test_spills_fail_only_in_decode_kernels():
+def test_spills_fail_only_in_attention_kernels():
     usages = build_cuda.parse_ptxas(PTXAS_LOG, "decode.cu")
     failures = build_cuda.spill_failures(usages)
-    assert len(failures) == 1 and "sm_90a" in failures[0] and "decode_kernel" in failures[0]
+    assert len(failures) == 1 and "sm_90a" in failures[0] and "attention_kernel" in failures[0]
     assert build_cuda.spill_failures(usages[:1]) == []
 
 
 def test_report_names_layouts():
-    name = ("void vllm_mla::cuda::(anonymous namespace)::decode_kernel<(vllm_mla::Layout)3>"
-            "(vllm_mla::cuda::(anonymous namespace)::DecodeParams)")
-    assert build_cuda.short_name(name) == "decode_kernel<V32_FP8>"
+    name = ("void vllm_mla::cuda::core::attention_kernel<vllm_mla::cuda::core::Traits<"
+            "(vllm_mla::Layout)3, 576>, vllm_mla::cuda::(anonymous namespace)::"
+            "SparseDecodeSource>(vllm_mla::cuda::core::CoreParams, "
+            "vllm_mla::cuda::(anonymous namespace)::SparseDecodeSource)")
+    assert (build_cuda.short_name(name) ==
+            "core::attention_kernel<core::Traits<V32_FP8, 576>, SparseDecodeSource>")
 
 
 @pytest.mark.parametrize("text,want", [
@@ -158,14 +159,31 @@ def test_schedule_covers_every_tile_once(seed):
 
 
 def test_workspace_size_bounds_the_slots():
-    ws = decode_schedule.WorkspaceLayout(batch=128, s_q=2, h_q=128, parts=16)
+    ws = decode_schedule.WorkspaceLayout(requests=128, out_rows=2 * 128, parts=16)
     assert ws.o_offset + ws.slots * 2 * 128 * 512 == ws.total_words
     size = ops.decode_workspace_size(128, 2, 128, 1, num_sms=132)
-    parts = decode_schedule.num_parts(2, 128, 1, 132)
+    parts = decode_schedule.num_parts(2 * 128, 1, 132)
     assert parts == 132 // 8
-    assert size == decode_schedule.WorkspaceLayout(128, 2, 128, parts).total_words * 4
+    assert size == decode_schedule.WorkspaceLayout(128, 2 * 128, parts).total_words * 4
     with pytest.raises(ValueError, match="multiple of h_kv"):
         ops.decode_workspace_size(4, 1, 6, 4, num_sms=10)
+
+
+def test_sparse_workspace_has_one_request_per_query_token():
+    size = ops.sparse_decode_workspace_size(128, 2, 128, num_sms=132)
+    parts = decode_schedule.num_parts(128, 1, 132)
+    assert parts == 132 // 4
+    assert size == decode_schedule.WorkspaceLayout(256, 128, parts).total_words * 4
+    assert ops.sparse_decode_workspace_size(0, 1, 16, num_sms=8) > 0
+    with pytest.raises(ValueError, match="h_q must be >= 1"):
+        ops.sparse_decode_workspace_size(4, 1, 0, num_sms=8)
+
+
+def test_sparse_token_counts_follow_topk_length_then_extra():
+    counts = decode_schedule.sparse_token_counts(3, 2, 64, torch.tensor([0, 100, 7]), 32,
+                                                 torch.tensor([5, -3, 32]))
+    assert counts == [5, 5, 64, 64, 39, 39]
+    assert decode_schedule.sparse_token_counts(2, 1, 64) == [64, 64]
 
 
 def _simulated_split_decode(case, causal: bool, parts: int):
@@ -211,6 +229,78 @@ def test_split_kv_algorithm_matches_reference(parts, causal):
     case = dense_case(KVLayout.BF16, 16, [0, 1, 37, 300, 129], h_q=4, s_q=2, seed=parts)
     out, lse = _simulated_split_decode(case, causal, parts)
     want_out, want_lse = case.expected(causal)
+    torch.testing.assert_close(out, want_out.double(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, want_lse.double(), atol=1e-9, rtol=1e-9)
+
+
+def _merge_splits(pieces: list[tuple[torch.Tensor, torch.Tensor]]):
+    """LSE merge of split partials (out [.., h, 512], log-LSE [.., h]; -inf for empty)."""
+    lses = torch.stack([p[1] for p in pieces])
+    m = lses.amax(0)
+    w = torch.exp(lses - torch.where(torch.isinf(m), 0, m))
+    total = w.sum(0)
+    o = sum(wk[..., None] * p[0] for wk, p in zip(w, pieces))
+    nonempty = total > 0
+    out = torch.where(nonempty[..., None], o / total.clamp_min(1e-300)[..., None], 0)
+    return out, torch.where(nonempty, m + total.log(), math.inf)
+
+
+def _simulated_split_sparse_decode(case, parts: int):
+    """The CUDA sparse algorithm in float64: one request per (batch entry, query token) whose
+    candidates are the first topk_length main slots then the extra ones; pieces of 32-candidate
+    tiles per run, merged by LSE, the sink applied after the merge."""
+    b, s_q, h_q, _ = case.q.shape
+    lists = [(ops.cache_bytes(case.cache, case.layout), case.indices, case.topk_length)]
+    if case.extra_cache is not None:
+        lists.append((ops.cache_bytes(case.extra_cache, case.layout), case.extra_indices,
+                      case.extra_topk_length))
+    flat = [(reference.read_kv(raw, case.layout).double().flatten(0, 1)[:, 0], idx, length)
+            for raw, idx, length in lists]
+
+    def candidates(r: int):
+        bi, i = divmod(r, s_q)
+        k, valid = [], []
+        for kv, idx, length in flat:
+            n = idx.shape[2] if length is None else min(max(int(length[bi]), 0), idx.shape[2])
+            slots = idx[bi, i, :n].long()
+            ok = (slots >= 0) & (slots < kv.shape[0])
+            k.append(kv[torch.where(ok, slots, 0)] * ok[:, None])
+            valid.append(ok)
+        return torch.cat(k), torch.cat(valid)
+
+    counts = decode_schedule.sparse_token_counts(
+        b, s_q, case.indices.shape[2], case.topk_length,
+        0 if case.extra_indices is None else case.extra_indices.shape[2], case.extra_topk_length)
+    sch = decode_schedule.schedule(counts, 1 << 30, parts)
+    slots = {}
+    for part in range(parts):
+        for r, j0, j1, slot in sch.pieces(part):
+            k, valid = candidates(r)
+            k, valid = k[j0 * 32:j1 * 32], valid[j0 * 32:j1 * 32]
+            bi, i = divmod(r, s_q)
+            out, lse, _ = reference.attend(case.q[bi, i][None].double(), k[None, :, None],
+                                           valid[None], case.softmax_scale)
+            slots[slot] = (out[0], lse[0].masked_fill(torch.isinf(lse[0]), -math.inf))
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
+    for r in range(b * s_q):
+        pieces = [slots[sch.split_begin[r] + k] for k in range(sch.num_splits[r])]
+        if not pieces:
+            continue
+        bi, i = divmod(r, s_q)
+        o, row_lse = _merge_splits(pieces)
+        if case.attn_sink is not None:
+            o = o * torch.sigmoid(row_lse - case.attn_sink.double())[:, None]
+        out[bi, i], lse[bi, :, i] = o, row_lse
+    return out, lse
+
+
+@pytest.mark.parametrize("parts", [1, 5, 40])
+def test_split_sparse_algorithm_matches_reference(parts):
+    case = sparse_case(KVLayout.MODEL1_FP8, 64, 16, 128, b=3, s_q=2, sink=True,
+                       extra=(16, 96, 300), seed=parts)
+    out, lse = _simulated_split_sparse_decode(case, parts)
+    want_out, want_lse = case.expected()
     torch.testing.assert_close(out, want_out.double(), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse, want_lse.double(), atol=1e-9, rtol=1e-9)
 

@@ -7,46 +7,17 @@ be read (SPEC section 3: ours, beyond FlashMLA, out-of-range indices are invalid
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from vllm_mla_backend import ops, reference
 from vllm_mla_backend.layouts import KVLayout
 
-from cases import (SparseCase, assert_attention_close, assert_lse_close, for_each_isa,
-                   poisoned_cache, sink_values, sparse_indices, tolerances)
+from cases import (SPARSE_CASES, SparseCase, assert_attention_close, assert_lse_close,
+                   for_each_isa, poisoned_cache, prefill_case, sparse_case, sparse_case_id,
+                   tolerances)
 
 L = KVLayout
-
-
-def _lengths(b, topk, gen, zero_first=True):
-    length = torch.randint(0, topk + 1, (b,), generator=gen, dtype=torch.int32)
-    if zero_first:
-        length[0] = 0
-    length[-1] = topk
-    return length
-
-
-def sparse_case(layout, block_size, h_q, topk, b=2, s_q=1, num_slots=700, with_length=True,
-                sink=False, extra=None, max_valid=None, seed=0):
-    """extra: (block_size, topk, num_slots) of an extra cache in the same layout."""
-    gen = torch.Generator().manual_seed(seed)
-    cache = poisoned_cache(layout, -(-num_slots // block_size), block_size)
-    topk_length = _lengths(b, topk, gen) if with_length else None
-    indices = sparse_indices(cache, layout, b, s_q, topk, gen, topk_length, max_valid=max_valid)
-    case = SparseCase(layout, (2.0 * torch.randn(b, s_q, h_q, layout.d_qk, generator=gen))
-                      .to(torch.bfloat16), cache, indices, topk_length)
-    if sink:
-        case.attn_sink = sink_values(h_q, gen)
-    if extra:
-        x_bs, x_topk, x_slots = extra
-        case.extra_cache = poisoned_cache(layout, -(-x_slots // x_bs), x_bs)
-        case.extra_topk_length = _lengths(b, x_topk, gen, zero_first=False)
-        case.extra_indices = sparse_indices(case.extra_cache, layout, b, s_q, x_topk, gen,
-                                            case.extra_topk_length)
-    return case
 
 
 def check(case, out=None, q=None, expected=None):
@@ -59,29 +30,7 @@ def check(case, out=None, q=None, expected=None):
     return got_out, got_lse
 
 
-# (layout, block_size, h_q, topk, s_q, topk_length, sink, extra, max_valid)
-SPARSE_CASES = [
-    (L.V32_FP8, 64, 16, 64, 1, True, False, None, None),
-    (L.V32_FP8, 1, 128, 576, 2, False, True, (53, 64, 300), None),
-    (L.V32_FP8, 64, 64, 2048, 1, True, False, None, 300),
-    (L.MODEL1_FP8, 256, 64, 64, 2, False, True, (64, 576, 900), None),
-    (L.MODEL1_FP8, 64, 128, 2048, 1, True, True, None, 500),
-    (L.MODEL1_FP8, 2, 16, 576, 1, True, False, None, None),
-    (L.BF16, 16, 64, 576, 1, False, True, None, None),
-    (L.BF16, 69, 16, 2048, 2, True, False, (1, 64, 50), 100),
-    (L.BF16, 64, 128, 64, 2, True, True, None, None),
-    (L.FP8, 16, 64, 576, 1, True, True, (64, 64, 200), None),
-]
-
-
-def _id(p):
-    layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = p
-    return (f"{layout.name}-B{bs}-hq{h_q}-topk{topk}-sq{s_q}" + ("-len" if length else "")
-            + ("-sink" if sink else "") + (f"-extraB{extra[0]}k{extra[1]}" if extra else "")
-            + (f"-valid{max_valid}" if max_valid else ""))
-
-
-@pytest.mark.parametrize("params", SPARSE_CASES, ids=_id)
+@pytest.mark.parametrize("params", SPARSE_CASES, ids=sparse_case_id)
 def test_sparse_decode(params, cpu_kernels):
     layout, bs, h_q, topk, s_q, length, sink, extra, max_valid = params
     case = sparse_case(layout, bs, h_q, topk, b=3, s_q=s_q, with_length=length, sink=sink,
@@ -167,25 +116,6 @@ def test_degenerate_shapes(what, cpu_kernels):
 # ------------------------------------------------------------------------------------------
 # Sparse prefill
 # ------------------------------------------------------------------------------------------
-def prefill_case(d_qk, s_q, h_q, s_kv, topk, seed, with_length=True, sink=False):
-    """kv rows not referenced by a valid index are NaN."""
-    gen = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, max(s_kv, 1), (s_q, 1, topk), generator=gen, dtype=torch.int32)
-    bad = torch.tensor([-1, -5, s_kv, s_kv + 100, 2**31 - 1], dtype=torch.int32)
-    invalid = torch.rand(s_q, 1, topk, generator=gen) < 0.3
-    indices = torch.where(invalid, bad[torch.randint(0, 5, indices.shape, generator=gen)], indices)
-    topk_length = _lengths(s_q, topk, gen) if with_length else None
-    used = (indices >= 0) & (indices < s_kv)
-    if topk_length is not None:
-        used &= torch.arange(topk)[None, None, :] < topk_length[:, None, None]
-    kv = torch.full((s_kv, 1, d_qk), math.nan, dtype=torch.bfloat16)
-    rows = torch.unique(indices[used]).long()
-    kv[rows] = torch.randn(len(rows), 1, d_qk, generator=gen).to(torch.bfloat16)
-    q = (2.0 * torch.randn(s_q, h_q, d_qk, generator=gen)).to(torch.bfloat16)
-    sink_t = sink_values(h_q, gen) if sink else None
-    return q, kv, indices, topk_length, sink_t
-
-
 @pytest.mark.parametrize("d_qk,s_q,h_q,s_kv,topk,length,sink", [
     (576, 5, 16, 300, 64, True, False),
     (512, 3, 64, 700, 576, True, True),

@@ -42,7 +42,7 @@ CXX_CFLAGS = [{"-std=c++17": "-std=c++20"}.get(f, f) for f in _CPU_CFLAGS
               if f != "-DMLA_CPU_ONLY"] + ["-DMLA_WITH_CUDA"]
 
 # Kernels whose spills fail the check (hot loops: a spill there costs bandwidth on every tile).
-SPILL_FREE_KERNELS = re.compile(r"decode_kernel|combine_kernel")
+SPILL_FREE_KERNELS = re.compile(r"attention_kernel|combine_kernel")
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ _LAYOUT_NAMES = ("BF16", "FP16", "FP8", "V32_FP8", "MODEL1_FP8", "FP32")
 
 
 def short_name(demangled: str) -> str:
-    """``void vllm_mla::cuda::(anonymous namespace)::decode_kernel<(vllm_mla::Layout)3>(...)``
-    -> ``decode_kernel<V32_FP8>``."""
+    """``void vllm_mla::cuda::(anonymous namespace)::Kernel<(vllm_mla::Layout)3>(...)``
+    -> ``Kernel<V32_FP8>``."""
     name = demangled.replace("(anonymous namespace)::", "").replace("vllm_mla::cuda::", "")
     name = re.sub(r"\(vllm_mla::Layout\)(\d)", lambda m: _LAYOUT_NAMES[int(m.group(1))], name)
     name = re.sub(r"^void ", "", name)

@@ -1,16 +1,19 @@
-"""Split-KV schedule of the CUDA dense decode, in Python: workspace sizing and a mirror of the
-device metadata (``kernels/cuda/decode_schedule.h`` and ``schedule_kernel`` in
-``kernels/cuda/decode.cu``).
+"""Split-KV schedule of the CUDA dense and sparse decode, in Python: workspace sizing and a
+mirror of the device metadata (``kernels/cuda/decode_schedule.h`` and ``schedule_kernel`` in
+``kernels/cuda/attention_core.cuh``).
 
-Work is counted in units: one per tile of ``TILE_TOKENS`` tokens of a request plus
-``REQUEST_OVERHEAD`` per non-empty request.  Requests are laid end to end and cut into
-``num_parts`` equal runs; grid row ``part`` serves one run, and a request cut by run boundaries
-is computed in several splits merged by LSE.  Everything depends only on shapes and the number of
-SMs on the host side (the grid and the workspace size), and on ``seq_lens`` on the device side, so
-the decode needs no host sync and can be captured in a CUDA graph.
+A request is a dense decode request, or one (request, query token) of a sparse decode (each
+has its own indices).  Work is counted in units: one per tile of ``TILE_TOKENS`` candidate
+tokens of a request plus ``REQUEST_OVERHEAD`` per non-empty request.  Requests are laid end to
+end and cut into ``num_parts`` equal runs; grid row ``part`` serves one run, and a request cut by
+run boundaries is computed in several splits merged by LSE.  Everything depends only on shapes
+and the number of SMs on the host side (the grid and the workspace size), and on ``seq_lens`` /
+``topk_length`` on the device side, so the decode needs no host sync and can be captured in a
+CUDA graph.
 
-vLLM reserves scratch memory before graph capture: ``decode_workspace_size`` gives the bytes for
-a batch shape, and ``ops.mla_decode(..., workspace=buf)`` uses a caller-owned buffer.
+vLLM reserves scratch memory before graph capture: ``decode_workspace_size`` /
+``sparse_decode_workspace_size`` give the bytes for a batch shape, and ``ops.mla_decode`` /
+``ops.mla_sparse_decode(..., workspace=buf)`` use a caller-owned buffer.
 """
 
 from __future__ import annotations
@@ -30,31 +33,31 @@ def _round_up4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
-def ctas_per_part(s_q: int, h_q: int, h_kv: int) -> int:
-    rows = s_q * (h_q // h_kv)
+def ctas_per_part(rows: int, h_kv: int = 1) -> int:
+    """CTAs serving one run: tiles of ``rows`` query rows (per KV head) x KV heads."""
     return -(-rows // ROWS_PER_CTA) * h_kv
 
 
-def num_parts(s_q: int, h_q: int, h_kv: int, num_sms: int) -> int:
+def num_parts(rows: int, h_kv: int, num_sms: int) -> int:
     """Runs of work: one wave of CTAs over the SMs."""
-    return max(1, num_sms // ctas_per_part(s_q, h_q, h_kv))
+    return max(1, num_sms // ctas_per_part(rows, h_kv))
 
 
 @dataclass(frozen=True)
 class WorkspaceLayout:
-    """Offsets in 4-byte words: int32 metadata, then float32 partial LSEs and outputs."""
-    batch: int
-    s_q: int
-    h_q: int
+    """Offsets in 4-byte words: int32 metadata, then float32 partial LSEs and outputs of
+    ``out_rows`` rows per request."""
+    requests: int
+    out_rows: int
     parts: int
 
     @property
     def slots(self) -> int:  # each run boundary adds at most one split
-        return self.batch + self.parts
+        return self.requests + self.parts
 
     @property
     def meta_words(self) -> int:
-        return _round_up4(HEADER_INTS + (self.batch + 1) + 2 * self.batch)
+        return _round_up4(HEADER_INTS + (self.requests + 1) + 2 * self.requests)
 
     @property
     def lse_offset(self) -> int:
@@ -62,15 +65,25 @@ class WorkspaceLayout:
 
     @property
     def o_offset(self) -> int:
-        return self.lse_offset + _round_up4(self.slots * self.s_q * self.h_q)
+        return self.lse_offset + _round_up4(self.slots * self.out_rows)
 
     @property
     def total_words(self) -> int:
-        return self.o_offset + self.slots * self.s_q * self.h_q * D_V
+        return self.o_offset + self.slots * self.out_rows * D_V
 
 
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+def _num_sms(num_sms: int | None, device) -> int:
+    if num_sms is not None:
+        return num_sms
+    device = torch.device(device if device is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_positive(**dims: int) -> None:
+    for name, v in dims.items():
+        low = 0 if name == "batch" else 1
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
 
 
 def decode_workspace_size(batch: int, s_q: int, h_q: int, h_kv: int = 1, num_sms: int | None = None,
@@ -79,15 +92,30 @@ def decode_workspace_size(batch: int, s_q: int, h_q: int, h_kv: int = 1, num_sms
 
     ``num_sms`` defaults to the SM count of ``device`` (the current CUDA device).
     """
-    for name, v in (("batch", batch), ("s_q", s_q), ("h_q", h_q), ("h_kv", h_kv)):
-        if v < (0 if name == "batch" else 1):
-            raise ValueError(f"{name} must be >= {0 if name == 'batch' else 1}, got {v}")
+    _check_positive(batch=batch, s_q=s_q, h_q=h_q, h_kv=h_kv)
     if h_q % h_kv:
         raise ValueError(f"h_q ({h_q}) must be a multiple of h_kv ({h_kv})")
-    if num_sms is None:
-        num_sms = _num_sms(device if device is not None else torch.cuda.current_device())
-    parts = num_parts(s_q, h_q, h_kv, num_sms)
-    return WorkspaceLayout(batch, s_q, h_q, parts).total_words * 4
+    parts = num_parts(s_q * (h_q // h_kv), h_kv, _num_sms(num_sms, device))
+    return WorkspaceLayout(batch, s_q * h_q, parts).total_words * 4
+
+
+def sparse_decode_workspace_size(batch: int, s_q: int, h_q: int, num_sms: int | None = None,
+                                 device=None) -> int:
+    """Bytes of scratch the CUDA sparse decode needs: one request per (batch entry, query
+    token), all ``h_q`` heads of it in one KV head."""
+    _check_positive(batch=batch, s_q=s_q, h_q=h_q)
+    parts = num_parts(h_q, 1, _num_sms(num_sms, device))
+    return WorkspaceLayout(batch * s_q, h_q, parts).total_words * 4
+
+
+def sparse_token_counts(batch: int, s_q: int, topk: int, topk_length=None, extra_topk: int = 0,
+                        extra_topk_length=None) -> list[int]:
+    """Candidates per sparse-decode request (batch-major, then query token), as the kernel
+    counts them: main slots (topk_length clamped to [0, topk]) plus extra slots."""
+    def count(lengths, k: int, b: int) -> int:
+        return k if lengths is None else min(max(int(lengths[b]), 0), k)
+    return [count(topk_length, topk, b) + count(extra_topk_length, extra_topk, b)
+            for b in range(batch) for _ in range(s_q)]
 
 
 @dataclass
@@ -118,7 +146,8 @@ class Schedule:
 
 
 def schedule(seq_lens, max_tokens: int, parts: int) -> Schedule:
-    """The metadata for ``seq_lens`` (clamped to [0, max_tokens] as the kernel does)."""
+    """The metadata for per-request token counts ``seq_lens`` (clamped to [0, max_tokens] as
+    the dense kernel does; sparse counts are already in range)."""
     units, prefix = [], [0]
     for n in (int(x) for x in seq_lens):
         tiles = -(-min(max(n, 0), max_tokens) // TILE_TOKENS)
@@ -137,7 +166,8 @@ def schedule(seq_lens, max_tokens: int, parts: int) -> Schedule:
 
 
 def read_schedule(workspace: torch.Tensor, batch: int) -> Schedule:
-    """Decode the metadata a CUDA dense decode left at the start of ``workspace``."""
+    """Decode the metadata a CUDA decode left at the start of ``workspace`` (``batch``: its
+    number of requests, ``b * s_q`` for sparse decode)."""
     words = workspace[: _round_up4(HEADER_INTS + 3 * batch + 1) * 4].cpu().view(torch.int32)
     w = words.tolist()
     p0 = HEADER_INTS

@@ -23,11 +23,11 @@ import os
 import torch
 
 from . import reference
-from .decode_schedule import decode_workspace_size
+from .decode_schedule import decode_workspace_size, sparse_decode_workspace_size
 from .layouts import D_ROPE, D_V, KVLayout, as_layout
 
 __all__ = ["alloc_kv_cache", "write_kv", "read_kv", "mla_decode", "mla_sparse_decode",
-           "mla_sparse_prefill", "decode_workspace_size", "IMPLS"]
+           "mla_sparse_prefill", "decode_workspace_size", "sparse_decode_workspace_size", "IMPLS"]
 
 IMPLS = ("reference", "cpu", "cuda")
 _FP8_VIEW_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
@@ -359,14 +359,17 @@ def _attn_sink(attn_sink, h_q: int):
 
 def mla_sparse_decode(q, cache, indices, layout, softmax_scale=None, topk_length=None,
                       attn_sink=None, extra_cache=None, extra_indices=None,
-                      extra_topk_length=None, k_scale=None, impl=None, out=None):
+                      extra_topk_length=None, k_scale=None, impl=None, out=None,
+                      workspace=None):
     """Sparse (DSA / MODEL1) decode over explicit token indices.
 
     q ``[b, s_q, h_q, d_qk]``; indices ``[b, s_q, topk]`` int32 of ``block * B + offset`` (-1 or
     anything outside the cache is invalid and never read); optional topk_length ``[b]``,
     attn_sink ``[h_q]`` float32, and an extra cache (same layout, own block size) with
     extra_indices ``[b, s_q, extra_topk]`` and extra_topk_length ``[b]``.
-    Returns ``out [b, s_q, h_q, 512]``, ``lse [b, h_q, s_q]``.
+    Returns ``out [b, s_q, h_q, 512]``, ``lse [b, h_q, s_q]``.  ``workspace``: optional uint8
+    scratch for the CUDA kernels of at least ``sparse_decode_workspace_size(b, s_q, h_q)`` bytes
+    (CUDA graphs: reserve it once); ignored by the other impls.
     """
     layout = as_layout(layout)
     q = _query(q, layout.d_qk, 4)
@@ -409,7 +412,7 @@ def mla_sparse_decode(q, cache, indices, layout, softmax_scale=None, topk_length
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).sparse_decode(q, raw, indices, topk_length, attn_sink, extra_raw,
                                       extra_indices, extra_topk_length, out, lse, layout.code,
-                                      scale, k_scale_t, None)
+                                      scale, k_scale_t, workspace if impl == "cuda" else None)
     return out, lse
 
 
@@ -441,6 +444,9 @@ def mla_sparse_prefill(q, kv, indices, softmax_scale, attn_sink=None, topk_lengt
     scale = _softmax_scale(softmax_scale, d_qk)
     _same_device(q.device, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     impl = _resolve_impl(impl, q.device)
+    if impl == "cuda" and q.dtype == torch.float32:
+        raise TypeError("q / kv: sparse prefill on CUDA takes bfloat16 or float16 (tensor-core "
+                        "kernels), got float32; use impl='reference' for float32")
     if impl == "reference" or s_q == 0:
         o, m, lse = reference.mla_sparse_prefill(q, kv, indices, scale, attn_sink, topk_length)
         return o.to(q.dtype), m.float(), lse.float()

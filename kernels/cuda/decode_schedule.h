@@ -1,10 +1,13 @@
-// Split-KV schedule of the dense decode kernel: constants and workspace layout, shared by the
-// host code and the kernels.  Mirrored in vllm_mla_backend/decode_schedule.py (tested on CPU;
-// the GPU tests compare the device metadata with the mirror).
+// Split-KV schedule of the CUDA attention kernels (dense and sparse decode): constants and
+// workspace layout, shared by the host code and the kernels.  Mirrored in
+// vllm_mla_backend/decode_schedule.py (tested on CPU; the GPU tests compare the device metadata
+// with the mirror).
 //
-// Work is counted in "units": one unit per tile of kTileTokens tokens of a request, plus
-// kRequestOverhead units per non-empty request (Q load, epilogue).  Requests are laid end to
-// end (prefix[b] = first unit of request b) and cut into num_parts equal runs of
+// A "request" is one independent attention problem: a dense decode request (all its s_q query
+// tokens share the KV), or one (request, query token) of a sparse decode (each has its own
+// indices).  Work is counted in "units": one unit per tile of kTileTokens candidate tokens of a
+// request, plus kRequestOverhead units per non-empty request (Q load, epilogue).  Requests are
+// laid end to end (prefix[r] = first unit of request r) and cut into num_parts equal runs of
 // units_per_part units; CTA row `part` of the grid serves one run.  A request cut by run
 // boundaries is computed in several splits whose partial results the combine kernel merges by LSE.
 #pragma once
@@ -13,41 +16,36 @@
 
 namespace vllm_mla::cuda::schedule {
 
-constexpr int kRowsPerCta = 32;       // packed (s_q x heads-per-KV-head) query rows per CTA
+constexpr int kRowsPerCta = 32;       // packed query rows per CTA
 constexpr int kTileTokens = 32;       // KV tokens per main-loop iteration
 constexpr int kRequestOverhead = 4;   // units charged per non-empty request
 constexpr int kHeaderInts = 4;        // [units_per_part, total_units, 0, 0]
 
 inline int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// CTAs that serve one run: query-row tiles x KV heads.
-inline int64_t ctas_per_part(int64_t s_q, int64_t h_q, int64_t h_kv) {
-  const int64_t rows = s_q * (h_q / h_kv);
+// CTAs that serve one run: row tiles (of `rows` query rows per KV head) x KV heads.
+inline int64_t ctas_per_part(int64_t rows, int64_t h_kv) {
   return (rows + kRowsPerCta - 1) / kRowsPerCta * h_kv;
 }
 
 // One wave of CTAs over the SMs.
-inline int64_t num_parts(int64_t s_q, int64_t h_q, int64_t h_kv, int64_t num_sms) {
-  const int64_t p = num_sms / ctas_per_part(s_q, h_q, h_kv);
+inline int64_t num_parts(int64_t rows, int64_t h_kv, int64_t num_sms) {
+  const int64_t p = num_sms / ctas_per_part(rows, h_kv);
   return p > 0 ? p : 1;
 }
 
 // Workspace, in 4-byte words: int32 metadata, then float32 partial LSEs and partial outputs
-// for at most batch + num_parts splits (each run boundary adds at most one split).
+// for at most requests + num_parts splits (each run boundary adds at most one split);
+// `out_rows` output rows (of 512 values) per request.
 struct WorkspaceLayout {
   int64_t meta_words, lse_offset, o_offset, total_words;
-  WorkspaceLayout(int64_t batch, int64_t s_q, int64_t h_q, int64_t parts) {
-    const int64_t slots = batch + parts;
-    meta_words = round_up4(kHeaderInts + (batch + 1) + batch + batch);
+  WorkspaceLayout(int64_t requests, int64_t out_rows, int64_t parts) {
+    const int64_t slots = requests + parts;
+    meta_words = round_up4(kHeaderInts + (requests + 1) + requests + requests);
     lse_offset = meta_words;
-    o_offset = lse_offset + round_up4(slots * s_q * h_q);
-    total_words = o_offset + slots * s_q * h_q * 512;
+    o_offset = lse_offset + round_up4(slots * out_rows);
+    total_words = o_offset + slots * out_rows * 512;
   }
 };
-
-// Offsets (in int32) of the metadata arrays inside the workspace.
-inline int64_t prefix_offset() { return kHeaderInts; }
-inline int64_t num_splits_offset(int64_t batch) { return kHeaderInts + batch + 1; }
-inline int64_t split_begin_offset(int64_t batch) { return kHeaderInts + 2 * batch + 1; }
 
 }  // namespace vllm_mla::cuda::schedule

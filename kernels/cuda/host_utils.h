@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 #include <torch/types.h>
 
+#include <type_traits>
+
 #include "common/layout.h"
 #include "cuda/common.cuh"
 
@@ -19,6 +21,10 @@ inline DType dtype_code(const torch::Tensor& t, const char* name) {
                          t.scalar_type());
   }
 }
+
+// A layout as a type, to instantiate a kernel template from a run-time layout code.
+template <Layout L>
+using LayoutTag = std::integral_constant<Layout, L>;
 
 inline Layout checked_layout(int64_t code) {
   TORCH_CHECK(code >= 0 && code < kNumLayouts, "layout: unknown layout code ", code);

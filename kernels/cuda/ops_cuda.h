@@ -14,17 +14,15 @@ void write_kv(torch::Tensor& cache, const torch::Tensor& kv_nope, const torch::T
 void read_kv(const torch::Tensor& cache, torch::Tensor& out, int64_t layout,
              const torch::Tensor& k_scale);
 
-// decode.cu.  `workspace`: uint8 of at least decode_workspace_bytes(...) bytes (see
+// decode.cu.  `workspace`: uint8 of at least decode_workspace_size(...) bytes (see
 // decode_schedule.h / vllm_mla_backend/decode_schedule.py), or none to allocate one per call.
 void dense_decode(const torch::Tensor& q, const torch::Tensor& cache,
                   const torch::Tensor& block_table, const torch::Tensor& seq_lens,
                   torch::Tensor& out, torch::Tensor& lse, int64_t layout, double softmax_scale,
                   bool causal, const torch::Tensor& k_scale,
                   const std::optional<torch::Tensor>& workspace);
-int64_t decode_workspace_bytes(int64_t batch, int64_t s_q, int64_t h_q, int64_t h_kv,
-                               int64_t num_sms);
 
-// sparse.cu (issue 5: not implemented on CUDA yet; raises).
+// sparse.cu.  sparse_decode's workspace: sparse_decode_workspace_size(...) bytes.
 void sparse_decode(const torch::Tensor& q, const torch::Tensor& cache,
                    const torch::Tensor& indices, const std::optional<torch::Tensor>& topk_length,
                    const std::optional<torch::Tensor>& attn_sink,

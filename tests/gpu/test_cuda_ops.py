@@ -204,7 +204,7 @@ def test_device_schedule_matches_the_mirror(cuda_kernels):
     ops.mla_decode(case.q, case.cache, case.block_table, case.seq_lens, case.layout,
                    impl="cuda", workspace=ws)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    parts = decode_schedule.num_parts(s_q, h_q, 1, sms)
+    parts = decode_schedule.num_parts(s_q * h_q, 1, sms)
     max_tokens = case.block_table.shape[1] * case.cache.shape[1]
     want = decode_schedule.schedule(case.seq_lens.tolist(), max_tokens, parts)
     assert decode_schedule.read_schedule(ws, b) == want
@@ -264,10 +264,3 @@ def test_decode_under_torch_compile(cuda_kernels):
     got = f(case.q)
     want = case.run("cuda", False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def test_sparse_ops_raise_until_issue_5(cuda_kernels):
-    case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [10], 16))
-    idx = torch.zeros(1, 1, 64, dtype=torch.int32, device=DEV)
-    with pytest.raises(RuntimeError, match="not yet implemented on CUDA"):
-        ops.mla_sparse_decode(case.q, case.cache, idx, KVLayout.V32_FP8, impl="cuda")
