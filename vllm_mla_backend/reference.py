@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .layouts import (D_ROPE, D_V, FP8_MAX, MODEL1_RECORD, MODEL1_SCALE_RECORD, MODEL1_TILE,
+from .layouts import (D_V, FP8_MAX, MODEL1_RECORD, MODEL1_SCALE_RECORD, MODEL1_TILE,
                       SCALE_FLOOR, V32_TILE, KVLayout)
 
 _E4M3 = torch.float8_e4m3fn
