@@ -146,8 +146,9 @@ def test_schedule_covers_every_tile_once(seed):
         assert work <= sch.units_per_part
         for b, j0, j1, slot in pieces:
             seen.setdefault(b, []).append((j0, j1))
-            slots.append(slot)
-            assert sch.split_begin[b] <= slot < sch.split_begin[b] + sch.num_splits[b]
+            if sch.num_splits[b] > 1:  # only split requests own partial slots
+                slots.append(slot)
+                assert sch.split_begin[b] <= slot < sch.split_begin[b] + sch.num_splits[b]
     for b, n in enumerate(lens.tolist()):
         tiles = math.ceil(min(max(n, 0), max_tokens) / decode_schedule.TILE_TOKENS)
         ranges = sorted(seen.get(b, []))
@@ -155,7 +156,7 @@ def test_schedule_covers_every_tile_once(seed):
         covered = [j for j0, j1 in ranges for j in range(j0, j1)]
         assert covered == list(range(tiles))
     assert len(slots) == len(set(slots))
-    assert max(slots, default=0) < batch + parts
+    assert max(slots, default=0) < decode_schedule.WorkspaceLayout(batch, 1, parts).slots
 
 
 def test_workspace_size_bounds_the_slots():
@@ -186,6 +187,13 @@ def test_sparse_token_counts_follow_topk_length_then_extra():
     assert decode_schedule.sparse_token_counts(2, 1, 64) == [64, 64]
 
 
+def _pieces_of(sch, partials: dict, r: int) -> list:
+    """The partial results of request r: its slots when split, else its one direct piece."""
+    if sch.num_splits[r] > 1:
+        return [partials[sch.split_begin[r] + k] for k in range(sch.num_splits[r])]
+    return [partials[("direct", r)]] if sch.num_splits[r] else []
+
+
 def _simulated_split_decode(case, causal: bool, parts: int):
     """The CUDA algorithm in float64: per run piece a partial (out, log2-LSE), merged by LSE."""
     raw = ops.cache_bytes(case.cache, case.layout)
@@ -205,11 +213,12 @@ def _simulated_split_decode(case, causal: bool, parts: int):
             valid = t[None, :] < limit[:, None]                         # [s_q, N]
             out, lse, _ = reference.attend(case.q[r].double(), k[None].expand(s_q, -1, -1)
                                            [:, :, None], valid, case.softmax_scale)
-            slots[slot] = (out, lse.masked_fill(torch.isinf(lse), -math.inf))
+            key = slot if sch.num_splits[r] > 1 else ("direct", r)
+            slots[key] = (out, lse.masked_fill(torch.isinf(lse), -math.inf))
     out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
     lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
     for r in range(b):
-        parts_r = [slots[sch.split_begin[r] + k] for k in range(sch.num_splits[r])]
+        parts_r = _pieces_of(sch, slots, r)
         if not parts_r:
             continue
         lses = torch.stack([p[1] for p in parts_r])                     # [k, s_q, h_q]
@@ -280,11 +289,12 @@ def _simulated_split_sparse_decode(case, parts: int):
             bi, i = divmod(r, s_q)
             out, lse, _ = reference.attend(case.q[bi, i][None].double(), k[None, :, None],
                                            valid[None], case.softmax_scale)
-            slots[slot] = (out[0], lse[0].masked_fill(torch.isinf(lse[0]), -math.inf))
+            key = slot if sch.num_splits[r] > 1 else ("direct", r)
+            slots[key] = (out[0], lse[0].masked_fill(torch.isinf(lse[0]), -math.inf))
     out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
     lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
     for r in range(b * s_q):
-        pieces = [slots[sch.split_begin[r] + k] for k in range(sch.num_splits[r])]
+        pieces = _pieces_of(sch, slots, r)
         if not pieces:
             continue
         bi, i = divmod(r, s_q)

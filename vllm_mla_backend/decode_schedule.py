@@ -52,8 +52,8 @@ class WorkspaceLayout:
     parts: int
 
     @property
-    def slots(self) -> int:  # each run boundary adds at most one split
-        return self.requests + self.parts
+    def slots(self) -> int:  # only split requests take slots: k splits span k - 1 boundaries
+        return 2 * self.parts
 
     @property
     def meta_words(self) -> int:
@@ -125,10 +125,11 @@ class Schedule:
     total_units: int
     prefix: list[int]        # [batch + 1]: first unit of each request
     num_splits: list[int]    # [batch]: 0 (empty), 1 (written directly) or more (combined)
-    split_begin: list[int]   # [batch]: first partial slot of each request
+    split_begin: list[int]   # [batch]: first partial slot of each split request
 
     def pieces(self, part: int) -> list[tuple[int, int, int, int]]:
-        """(request, first tile, end tile, partial slot) computed by run ``part``."""
+        """(request, first tile, end tile, partial slot) computed by run ``part``; the slot
+        means something only for split requests (``num_splits > 1``)."""
         u0 = part * self.units_per_part
         if u0 >= self.total_units:
             return []
@@ -161,7 +162,7 @@ def schedule(seq_lens, max_tokens: int, parts: int) -> Schedule:
         n = (end - 1) // per_part - first // per_part + 1 if end > first else 0
         splits.append(n)
         begin.append(acc)
-        acc += n
+        acc += n if n > 1 else 0
     return Schedule(per_part, total, prefix, splits, begin)
 
 

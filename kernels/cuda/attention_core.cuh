@@ -176,14 +176,15 @@ __global__ void __launch_bounds__(kScheduleThreads)
   __syncthreads();
   for (int base = 0; base < num_requests; base += kScheduleThreads) {
     const int r = base + tid;
-    int splits = 0;
+    int slots = 0;  // partial slots: only requests cut into several splits take any
     if (r < num_requests) {
       const int first = prefix[r] + kRequestOverhead, end = prefix[r + 1];
-      splits = end > first ? (end - 1) / per_part - first / per_part + 1 : 0;
+      const int splits = end > first ? (end - 1) / per_part - first / per_part + 1 : 0;
       num_splits[r] = splits;
+      slots = splits > 1 ? splits : 0;
     }
-    const int v = block_inclusive_scan(splits, buf);
-    if (r < num_requests) split_begin[r] = carry + v - splits;
+    const int v = block_inclusive_scan(slots, buf);
+    if (r < num_requests) split_begin[r] = carry + v - slots;
     __syncthreads();
     if (tid == kScheduleThreads - 1) carry += v;
     __syncthreads();

@@ -9,7 +9,10 @@
 // request, plus kRequestOverhead units per non-empty request (Q load, epilogue).  Requests are
 // laid end to end (prefix[r] = first unit of request r) and cut into num_parts equal runs of
 // units_per_part units; CTA row `part` of the grid serves one run.  A request cut by run
-// boundaries is computed in several splits whose partial results the combine kernel merges by LSE.
+// boundaries is computed in several splits whose partial results the combine kernel merges by LSE;
+// a request in one piece is written directly.  Only split requests take partial slots: a request
+// of k >= 2 splits spans k - 1 of the num_parts - 1 run boundaries, so there are at most
+// 2 * num_parts slots whatever the batch (the workspace does not grow with long prefill batches).
 #pragma once
 
 #include <cstdint>
@@ -35,12 +38,11 @@ inline int64_t num_parts(int64_t rows, int64_t h_kv, int64_t num_sms) {
 }
 
 // Workspace, in 4-byte words: int32 metadata, then float32 partial LSEs and partial outputs
-// for at most requests + num_parts splits (each run boundary adds at most one split);
-// `out_rows` output rows (of 512 values) per request.
+// for at most 2 * num_parts splits, `out_rows` output rows (of 512 values) per request.
 struct WorkspaceLayout {
   int64_t meta_words, lse_offset, o_offset, total_words;
   WorkspaceLayout(int64_t requests, int64_t out_rows, int64_t parts) {
-    const int64_t slots = requests + parts;
+    const int64_t slots = 2 * parts;
     meta_words = round_up4(kHeaderInts + (requests + 1) + requests + requests);
     lse_offset = meta_words;
     o_offset = lse_offset + round_up4(slots * out_rows);
