@@ -238,6 +238,12 @@ def test_rope_fix_rotates_the_strided_mla_query():
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_rot.double(), _rope_oracle(k_pe, positions, 1e4),
                                rtol=1e-5, atol=1e-5)
+    # A contiguous multi-head query is rotated in place (like the op), also without a key.
+    q_contig = q_pe.contiguous()
+    q_rot_contig, no_key = rope.forward_cpu(positions, q_contig)
+    assert no_key is None and q_rot_contig.data_ptr() == q_contig.data_ptr()
+    torch.testing.assert_close(q_rot_contig.double(), _rope_oracle(q_pe, positions, 1e4),
+                               rtol=1e-5, atol=1e-5)
     # 2-D inputs keep vLLM's op, which is right for them.
     q2 = q_pe.reshape(T, H * 64).clone()
     q2_rot, _ = rope.forward_cpu(positions, q2, k_pe.reshape(T, 64).clone())
@@ -418,6 +424,8 @@ def test_impl_against_mha_oracle(monkeypatch, request, mode, block_size, kv_cach
     assert lse is None and latent.shape == (4, N_HEADS, LATENT)
     decode_out = torch.einsum("bnl,nlv->bnv", latent.double(), layer.W_UV.double())
     _assert_close(decode_out, torch.cat(expected[:2]), tol)
+    # Native kernels: every call after the first with a cache took the prechecked path.
+    assert (impl.checked_caches.get(cache) is not None) == (mode != "reference")
 
     # Prefill: forward_mha gets un-absorbed q [T, N, 192].
     prefill_meta = SimpleNamespace(prefill=SimpleNamespace(
@@ -437,6 +445,20 @@ def test_impl_rejects_unsupported_features(monkeypatch):
         MLAImpl(N_HEADS, 576, 0.1, 1, None, 128, "auto", None, "decoder", None,
                 q_lora_rank=None, kv_lora_rank=LATENT, qk_nope_head_dim=NOPE,
                 qk_rope_head_dim=ROPE, qk_head_dim=NOPE + ROPE, v_head_dim=V_DIM, kv_b_proj=None)
+
+
+def test_checked_caches_check_each_cache_tensor_once():
+    from vllm_mla_backend.backend.mla import CheckedCaches
+    checked = CheckedCaches()
+    cache = ops.alloc_kv_cache(4, 16, KVLayout.FP8)[:, :, 0]
+    assert checked.get(cache) is None
+    checked.add(cache, KVLayout.FP8)
+    assert checked.get(cache).data_ptr() == cache.data_ptr()
+    assert checked.get(cache[:, :, :]) is not None                      # another view, same bytes
+    assert checked.get(cache.view(torch.float8_e4m3fn)) is None         # the decode's fp8 view
+    assert checked.get(ops.alloc_kv_cache(4, 16, KVLayout.FP8)[:, :, 0]) is None  # reallocated
+    with pytest.raises(ValueError, match="last dimension must be 576"):
+        checked.add(cache[..., :500], KVLayout.FP8)
 
 
 def test_compact_blocks_keeps_what_the_reference_reads():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from . import reference
@@ -126,10 +127,22 @@ def cache_bytes(cache, layout: KVLayout, name: str = "cache") -> torch.Tensor:
     return raw
 
 
+_UNIT_K_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_k_scale(device: torch.device) -> torch.Tensor:
+    """The k_scale of layouts without a per-tensor scale: a float32 ``[1.0]``, one per device
+    (allocated once: the kernels only read it, and a CUDA graph may capture it)."""
+    scale = _UNIT_K_SCALES.get(device)
+    if scale is None:
+        scale = _UNIT_K_SCALES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return scale
+
+
 def _k_scale_tensor(k_scale, layout: KVLayout, device: torch.device) -> torch.Tensor:
     """k_scale as a float32 one-element tensor (only FP8 per-tensor uses it; others get 1)."""
     if layout is not KVLayout.FP8 or k_scale is None:
-        return torch.ones(1, dtype=torch.float32, device=device)
+        return unit_k_scale(device)
     if isinstance(k_scale, torch.Tensor):
         if k_scale.numel() != 1:
             raise ValueError(f"k_scale must have one element, got shape {tuple(k_scale.shape)}")
@@ -242,13 +255,24 @@ def write_kv(cache, kv_nope, k_rope, slot_mapping, layout, k_scale=None, impl=No
             i = int(bad.nonzero()[0, 0])
             raise IndexError(f"slot_mapping[{i}] = {int(slots[i])} is outside the cache "
                              f"({nb} blocks x {bs} tokens = {nb * bs} slots)")
-    scale = _k_scale_tensor(k_scale, layout, device)
-    if T == 0:
+    write_kv_prechecked(raw, nope, rope, slots, layout, _k_scale_tensor(k_scale, layout, device),
+                        impl)
+
+
+def write_kv_prechecked(raw, kv_nope, k_rope, slots, layout: KVLayout, k_scale, impl: str) -> None:
+    """``write_kv`` without argument checks, for a caller that checked once and trusts its
+    inputs after (the vLLM backend, on vLLM's tensors): what ``write_kv`` normalizes to.
+
+    raw ``cache_bytes(cache, layout)``; kv_nope / k_rope ``[T, h_kv, width]``, last dimension
+    contiguous; slots ``[T]`` contiguous int64, none past the cache; k_scale a float32
+    one-element tensor on the cache's device; impl resolved (not None).
+    """
+    if slots.shape[0] == 0:
         return
     if impl == "reference":
-        reference.write_kv(raw, nope, rope, slots, layout, _k_scale_float(scale))
+        reference.write_kv(raw, kv_nope, k_rope, slots, layout, _k_scale_float(k_scale))
     else:
-        _load_kernels(impl).write_kv(raw, nope, rope, slots, layout.code, scale)
+        _load_kernels(impl).write_kv(raw, kv_nope, k_rope, slots, layout.code, k_scale)
 
 
 def read_kv(cache, layout, k_scale=None, impl=None) -> torch.Tensor:
@@ -298,39 +322,58 @@ def mla_decode(q, cache, block_table, seq_lens, layout, softmax_scale=None, caus
     max_blocks = block_table.shape[1]
     if b and _validate_values(seq_lens, block_table):
         _check_seq_lens(seq_lens, block_table, max_blocks, bs, nb)
-    scale = _softmax_scale(softmax_scale, layout.d_qk)
-    k_scale_t = _k_scale_tensor(k_scale, layout, q.device)
-    out = _output(out, (b, s_q, h_q, D_V), q.dtype, q.device)
+    return mla_decode_prechecked(q, raw, block_table, seq_lens, layout,
+                                 _softmax_scale(softmax_scale, layout.d_qk), bool(causal),
+                                 _k_scale_tensor(k_scale, layout, q.device), impl,
+                                 _output(out, (b, s_q, h_q, D_V), q.dtype, q.device), workspace)
+
+
+def mla_decode_prechecked(q, raw, block_table, seq_lens, layout: KVLayout, softmax_scale: float,
+                          causal: bool, k_scale, impl: str, out=None, workspace=None):
+    """``mla_decode`` without argument checks or host syncs, for a caller that checked once and
+    trusts its inputs after (the vLLM backend, on metadata vLLM builds): what ``mla_decode``
+    normalizes to.
+
+    q ``[b, s_q, h_q, d_qk]`` with a contiguous last dimension; raw ``cache_bytes(cache,
+    layout)``; block_table / seq_lens contiguous int32 whose entries address only the cache
+    (block ids past it read as empty, but a sequence longer than its block-table row is not
+    caught); softmax_scale a float; k_scale a float32 one-element tensor on q's device; impl
+    resolved (not None); out None or ``[b, s_q, h_q, 512]`` of q's dtype.
+    """
+    b, s_q, h_q, _ = q.shape
+    if out is None:
+        out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
     if b == 0:
         return out, torch.empty(0, h_q, s_q, dtype=torch.float32, device=q.device)
     if impl == "reference":
-        o, lse = reference.mla_decode(q, raw, block_table, seq_lens, layout, scale, causal,
-                                      _k_scale_float(k_scale_t))
+        o, lse = reference.mla_decode(q, raw, block_table, seq_lens, layout, softmax_scale,
+                                      causal, _k_scale_float(k_scale))
         out.copy_(o)
         return out, lse.float().contiguous()
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).dense_decode(q, raw, block_table, seq_lens, out, lse, layout.code,
-                                     scale, bool(causal), k_scale_t,
+                                     softmax_scale, causal, k_scale,
                                      workspace if impl == "cuda" else None)
     return out, lse
 
 
 def _check_seq_lens(seq_lens, block_table, max_blocks: int, bs: int, nb: int) -> None:
-    lens = seq_lens.cpu().long()
-    if bool((lens < 0).any()):
-        i = int((lens < 0).nonzero()[0, 0])
-        raise ValueError(f"seq_lens[{i}] = {int(lens[i])} is negative")
+    # numpy on the host: microseconds, where the same checks as small torch ops took ~0.1 ms.
+    lens = seq_lens.cpu().numpy().astype(np.int64)
+    if (lens < 0).any():
+        i = int(np.flatnonzero(lens < 0)[0])
+        raise ValueError(f"seq_lens[{i}] = {lens[i]} is negative")
     need = (lens + bs - 1) // bs
-    if bool((need > max_blocks).any()):
-        i = int((need > max_blocks).nonzero()[0, 0])
-        raise ValueError(f"seq_lens[{i}] = {int(lens[i])} needs {int(need[i])} blocks of {bs} "
+    if (need > max_blocks).any():
+        i = int(np.flatnonzero(need > max_blocks)[0])
+        raise ValueError(f"seq_lens[{i}] = {lens[i]} needs {need[i]} blocks of {bs} "
                          f"but block_table has {max_blocks} columns")
-    used = torch.arange(max_blocks)[None, :] < need[:, None]
-    ids = block_table.cpu().long()
+    ids = block_table.cpu().numpy()
+    used = np.arange(max_blocks)[None, :] < need[:, None]
     bad = used & ((ids < 0) | (ids >= nb))
-    if bool(bad.any()):
-        r, c = (int(x) for x in bad.nonzero()[0])
-        raise IndexError(f"block_table[{r}, {c}] = {int(ids[r, c])} is outside the cache "
+    if bad.any():
+        r, c = (int(x) for x in np.argwhere(bad)[0])
+        raise IndexError(f"block_table[{r}, {c}] = {ids[r, c]} is outside the cache "
                          f"({nb} blocks)")
 
 

@@ -102,6 +102,40 @@ def compact_blocks(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     return cache[ids], remapped.to(torch.int32)
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+class CheckedCaches:
+    """The uint8 views (``ops.cache_bytes``) of the KV-cache tensors vLLM hands an impl.
+
+    A cache tensor is added after the public ops checked it on its first use; later calls with
+    the same tensor (same storage, dtype, shape and strides) take the ops' prechecked path.
+    vLLM allocates its caches once; a new one (reallocation, or the fp8 cache's two views:
+    uint8 in the write, float8 in the decode) is checked again.
+    """
+
+    MAX_VIEWS = 2
+
+    def __init__(self):
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def get(self, cache: torch.Tensor) -> torch.Tensor | None:
+        return self._views.get(_tensor_key(cache))
+
+    def add(self, cache: torch.Tensor, layout: KVLayout) -> None:
+        if len(self._views) >= self.MAX_VIEWS:
+            self._views.clear()   # don't keep a replaced cache alive
+        self._views[_tensor_key(cache)] = ops.cache_bytes(cache, layout)
+
+
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``[T, width]`` / ``[T, 1, width]`` token tensor as ``[T, 1, width]``, last
+    dimension contiguous (what ``ops.write_kv_prechecked`` takes)."""
+    t = t.unsqueeze(1) if t.dim() == 2 else t
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def kernel_description(device_type: str) -> str:
     return "torch reference" if kernel_impl() == "reference" else f"native {device_type}"
 
@@ -184,7 +218,10 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
         return torch.empty(size, dtype=torch.uint8, device=device)
 
     def _build_decode(self, block_table_tensor, seq_lens_device, *args, **kwargs):
-        return MLADecodeMetadata(block_table=block_table_tensor, seq_lens=seq_lens_device,
+        # Every layer's decode reads these: made contiguous once per step (a no-op on vLLM's
+        # row slices), which the kernels' prechecked path relies on.
+        return MLADecodeMetadata(block_table=block_table_tensor.contiguous(),
+                                 seq_lens=seq_lens_device.contiguous(),
                                  dcp_tot_seq_lens=None, workspace=self.decode_workspace)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -229,6 +266,11 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         # The layer reads this flag once and then owns the choice (``is_amx_bmm_enabled``).
         self.uses_amx_bmm = amx_bmm_available() and model_dtype() == torch.bfloat16
         self._layer_ref = None
+        # Host work per call is a large part of a small-batch CPU decode step.  The first call
+        # with a cache tensor goes through the public, fully checked ops; after that the
+        # prechecked path runs on vLLM's tensors (metadata vLLM builds, a cache checked once).
+        self.checked_caches = CheckedCaches()
+        self.ops_impl = self.kernel_impl or ("cuda" if current_platform.is_cuda() else "cpu")
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         if self.uses_amx_bmm:
@@ -247,14 +289,32 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
             size = decode_workspace_bytes(get_current_vllm_config(), self.num_heads, device)
             torch.empty(size, dtype=torch.uint8, device=device)
 
+    def _kernel_k_scale(self, k_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The layer's k_scale as the kernels take it (checked by the public ops on the first
+        call); layouts without a per-tensor scale share one cached ``[1.0]``."""
+        if self.layout is not KVLayout.FP8:
+            return ops.unit_k_scale(device)
+        return k_scale.detach().reshape(1).to(device=device, dtype=torch.float32)
+
     def _attend(self, q, cache, block_table, seq_lens, causal, k_scale, out=None,
                 workspace=None):
         """ops.mla_decode on the paged cache (the reference ops get only the used blocks)."""
-        if self.kernel_impl == "reference":
+        raw = self.checked_caches.get(cache)
+        if raw is not None:
+            return ops.mla_decode_prechecked(q, raw, block_table, seq_lens, self.layout,
+                                             self.scale, causal,
+                                             self._kernel_k_scale(k_scale, q.device),
+                                             self.ops_impl, out, workspace)
+        if self.kernel_impl == "reference":   # debugging: always the public ops
             cache, block_table = compact_blocks(cache, block_table, seq_lens)
-        return ops.mla_decode(q, cache, block_table, seq_lens, self.layout,
-                              softmax_scale=self.scale, causal=causal, k_scale=k_scale,
-                              impl=self.kernel_impl, out=out, workspace=workspace)
+            return ops.mla_decode(q, cache, block_table, seq_lens, self.layout,
+                                  softmax_scale=self.scale, causal=causal, k_scale=k_scale,
+                                  impl="reference", out=out)
+        result = ops.mla_decode(q, cache, block_table, seq_lens, self.layout,
+                                softmax_scale=self.scale, causal=causal, k_scale=k_scale,
+                                impl=self.kernel_impl, out=out, workspace=workspace)
+        self.checked_caches.add(cache, self.layout)
+        return result
 
     # --- KV write -------------------------------------------------------------------------
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
@@ -262,8 +322,17 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         # skip_scale (vLLM 0.33, positional) says k_scale == 1: the write is the same either way.
         if kv_cache.numel() == 0:
             return
-        ops.write_kv(kv_cache, kv_c_normed, k_pe, slot_mapping.flatten(), self.layout,
-                     k_scale=k_scale, impl=self.kernel_impl)
+        slots = slot_mapping.flatten()
+        raw = self.checked_caches.get(kv_cache)
+        if raw is not None:
+            ops.write_kv_prechecked(raw, token_rows(kv_c_normed), token_rows(k_pe), slots,
+                                    self.layout, self._kernel_k_scale(k_scale, raw.device),
+                                    self.ops_impl)
+            return
+        ops.write_kv(kv_cache, kv_c_normed, k_pe, slots, self.layout, k_scale=k_scale,
+                     impl=self.kernel_impl)
+        if self.kernel_impl != "reference":
+            self.checked_caches.add(kv_cache, self.layout)
 
     # --- decode ---------------------------------------------------------------------------
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
