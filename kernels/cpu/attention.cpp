@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "cpu/micro_kernels.h"
@@ -85,10 +86,26 @@ struct WorkItem {
 
 int round16(int m) { return (m + 15) / 16 * 16; }
 
+// Cache-line aligned storage: tile rows and 64-byte vectors never straddle two lines (a split
+// store does not forward to the load that reads it back).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
+
 // Per-thread buffers of one work item.
 struct Scratch {
-  std::vector<float> qf, kf, s, max2, sum, acc;
-  std::vector<uint16_t> qb, kb, vp, p16;
+  LineVector<float> qf, kf, s, max2, sum, acc;
+  LineVector<uint16_t> qb, kb, vp, p16;
   std::vector<int> row_len;
   std::vector<RowIO> rows;
   std::vector<uint16_t> q_rows;  // bf16 q before packing
@@ -186,8 +203,8 @@ class Runner {
   }
 
   // into L2 (locality 2): the chunk buffers own L1
-  void prefetch(const TokenRef* refs) const {
-    for (int i = 0; i < kChunk; ++i) {
+  void prefetch(const TokenRef* refs, int i0, int i1) const {
+    for (int i = i0; i < i1; ++i) {
       if (!refs[i].data) continue;
       for (int b = 0; b < token_bytes_; b += 64) __builtin_prefetch(refs[i].data + b, 0, 2);
       if (refs[i].scale) __builtin_prefetch(refs[i].scale, 0, 2);
@@ -213,9 +230,12 @@ class Runner {
     const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
     gather_chunk(it, it.begin, refs);
     for (int64_t j0 = it.begin; j0 < it.end; j0 += kChunk) {
-      if (j0 + kChunk < it.end) {  // the next chunk's tokens are in other blocks: prefetch
+      // the next chunk's tokens may lie in other blocks: prefetch them in two halves, before
+      // and after this chunk's load, so the misses overlap with compute
+      const bool pf = j0 + kChunk < it.end;
+      if (pf) {
         gather_chunk(it, j0 + kChunk, next);
-        prefetch(next);
+        prefetch(next, 0, kChunk / 2);
       }
       const int n = int(std::min<int64_t>(kChunk, it.end - j0));
       bool any = false;
@@ -235,10 +255,9 @@ class Runner {
           } else {
             mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
           }
-          mk_.scores_bf16(sc.qb.data(), m, k, k_stride, kChunk, d, sc.s.data());
-          mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st,
-                      sc.p16.data());
-          mk_.pv_bf16(sc.p16.data(), m, kChunk, sc.vp.data(), sc.acc.data());
+          if (pf) prefetch(next, kChunk / 2, kChunk);
+          mk_.attend_bf16(sc.qb.data(), m, k, k_stride, kChunk, d, valid, sc.row_len.data(),
+                          scale2_, st, sc.vp.data(), sc.s.data(), sc.p16.data());
         } else {
           mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
           mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());

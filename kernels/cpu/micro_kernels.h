@@ -31,9 +31,11 @@ struct MicroKernels {
   // BF16 caches whose chunk rows are all valid and evenly spaced skip the K copy: only V is
   // packed, straight from the cache, and the scores read K rows in place (k_stride elements).
   void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp);
-  void (*scores_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
-                      float* s);
-  void (*pv_bf16)(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc);
+  // One chunk in bf16: s = Q.K^T (K rows k_stride elements apart), the online softmax (as
+  // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch.
+  void (*attend_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
+                      const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
+                      const uint16_t* vp, float* s, uint16_t* p16);
 
   // Online softmax over one chunk: s [M][N] raw dot products -> probabilities (in place, and as
   // bf16 into p16 when given). Entry (r, j) counts iff valid[j] and j < row_len[r].

@@ -1,7 +1,7 @@
 // Micro-kernels for AMX-BF16 CPUs: both GEMMs of a chunk on tiles. Scores come out transposed
 // (S^T = K . Q^T, K rows straight from the chunk, Q^T prepacked once per work item in VNNI
-// pairs); P.V multiplies P [16 heads x 32 tokens] by V in token pairs. The chunk loader and the
-// softmax are the AVX-512 ones.
+// pairs), so the softmax runs with one vector per token and a lane per head; P.V multiplies
+// P [16 heads x 32 tokens] by V in token pairs. The chunk loader is the AVX-512 one.
 #include <immintrin.h>
 
 #include "cpu/micro_kernels.h"
@@ -11,6 +11,8 @@
 #include "cpu/micro_kernels_avx512_impl.h"
 
 namespace vllm_mla::cpu::amx {
+
+using avx512::exp2_ps;
 
 constexpr int kTile = 16;  // rows of a tile; 32 bf16 (64 bytes) per row
 
@@ -45,57 +47,140 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
   }
 }
 
-// s[r][j] = q[r] . k[j] for n = 32 tokens (two token tiles per head block).
-static void scores(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
-                   float* s) {
-  configure_tiles();
-  alignas(64) float st[2][kTile][kTile];
+// S^T of one block of 16 heads against n = 32 tokens: st[j][h] = q[h] . k[j].
+static void scores_t(const uint16_t* qb, const uint16_t* k, int64_t k_stride, int d,
+                     float (*st)[kTile]) {
   const int64_t kstride = k_stride * 2;  // bytes
-  for (int b0 = 0; b0 < m; b0 += kTile) {
-    const uint16_t* qb = qp + int64_t(b0) * d;
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int i = 0; i < d; i += 32) {
-      _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
-      _tile_loadd(2, k + i, kstride);
-      _tile_loadd(3, k + kTile * k_stride + i, kstride);
-      _tile_dpbf16ps(0, 2, 4);
-      _tile_dpbf16ps(1, 3, 4);
-    }
-    _tile_stored(0, st[0], 64);
-    _tile_stored(1, st[1], 64);
-    const int rows = m - b0 < kTile ? m - b0 : kTile;
-    for (int h = 0; h < rows; ++h)
-      for (int t = 0; t < 2; ++t)
-        for (int j = 0; j < kTile; ++j) s[int64_t(b0 + h) * n + t * kTile + j] = st[t][j][h];
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int i = 0; i < d; i += 32) {
+    _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
+    _tile_loadd(2, k + i, kstride);
+    _tile_loadd(3, k + kTile * k_stride + i, kstride);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_dpbf16ps(1, 3, 4);
+  }
+  _tile_stored(0, st[0], 64);
+  _tile_stored(1, st[kTile], 64);
+}
+
+// r[i] (16 lanes) -> r[i][h] moved to row h, lane i (a 16 x 16 transpose of 32-bit elements).
+static inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[4g + c], 128-bit lane L: column 4L + c of rows 4g..4g+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes over r[c], r[4 + c], ...
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    t[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Online softmax of one head block on S^T, one vector per token (a lane per head: no horizontal
+// reductions), then P [16 heads][32 tokens] in bf16 for the P.V tile. Same rules as
+// avx512::softmax; lanes past `rows` stay untouched and give zero P rows.
+static void softmax_t(float (*st)[kTile], int rows, uint32_t valid_bits, const int* row_len,
+                      float scale2, float* max2, float* sum, float* acc, uint16_t* p) {
+  const __mmask16 lanes = rows >= kTile ? 0xffff : __mmask16((1u << rows) - 1u);
+  const __m512i len = _mm512_maskz_loadu_epi32(lanes, row_len);
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), scale = _mm512_set1_ps(scale2);
+  __mmask16 use[2 * kTile];
+  __m512 mx = neg_inf;
+  for (int j = 0; j < 2 * kTile; ++j) {
+    use[j] = (valid_bits >> j) & 1u
+                 ? _mm512_mask_cmpgt_epi32_mask(lanes, len, _mm512_set1_epi32(j))
+                 : __mmask16(0);
+    mx = _mm512_mask_max_ps(mx, use[j], mx, _mm512_mul_ps(_mm512_load_ps(st[j]), scale));
+  }
+  const __m512 old = _mm512_mask_loadu_ps(neg_inf, lanes, max2);
+  const __m512 top = _mm512_max_ps(old, mx);
+  const __mmask16 live = _mm512_cmp_ps_mask(top, neg_inf, _CMP_NEQ_OQ);
+  __m512 total = _mm512_setzero_ps();
+  __m512i pairs[kTile];
+  for (int j = 0; j < 2 * kTile; j += 2) {
+    const __m512 p0 = _mm512_maskz_mov_ps(
+        use[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j]), scale), top)));
+    const __m512 p1 = _mm512_maskz_mov_ps(
+        use[j + 1], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j + 1]), scale), top)));
+    total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
+    // lane h of pairs[j / 2]: (p[h][j], p[h][j + 1]) in bf16
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                18, 2, 17, 1, 16, 0);
+    pairs[j / 2] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  }
+  const __mmask16 seen = _mm512_cmp_ps_mask(old, neg_inf, _CMP_NEQ_OQ);
+  const __m512 alpha = _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old, top)));  // 0: none
+  _mm512_mask_storeu_ps(sum, live,
+                        _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sum), alpha),
+                                      total));
+  _mm512_mask_storeu_ps(max2, live, top);
+  alignas(64) float a[kTile];
+  _mm512_store_ps(a, alpha);
+  for (uint32_t moved = _mm512_mask_cmp_ps_mask(live, alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ);
+       moved; moved &= moved - 1) {
+    const int h = __builtin_ctz(moved);
+    float* o = acc + int64_t(h) * kDV;
+    const __m512 f = _mm512_set1_ps(a[h]);
+    for (int i = 0; i < kDV; i += 16) _mm512_store_ps(o + i, _mm512_mul_ps(_mm512_load_ps(o + i), f));
+  }
+  transpose16x16(pairs);
+  for (int h = 0; h < kTile; ++h) _mm512_store_si512(p + h * 2 * kTile, pairs[h]);
+}
+
+// acc[h][:] += p[h][:] . v for one block of 16 heads and n = 32 tokens (v as token pairs).
+static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc) {
+  constexpr int64_t kAccStride = int64_t(kDV) * 4, kVpStride = int64_t(kDV) * 4;
+  _tile_loadd(4, p, 64);
+  for (int c = 0; c < kDV; c += 4 * kTile) {
+    _tile_loadd(0, acc + c, kAccStride);
+    _tile_loadd(1, acc + c + kTile, kAccStride);
+    _tile_loadd(2, acc + c + 2 * kTile, kAccStride);
+    _tile_loadd(3, acc + c + 3 * kTile, kAccStride);
+    _tile_loadd(5, vp + int64_t(c) * 2, kVpStride);
+    _tile_loadd(6, vp + int64_t(c + kTile) * 2, kVpStride);
+    _tile_loadd(7, vp + int64_t(c + 2 * kTile) * 2, kVpStride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, vp + int64_t(c + 3 * kTile) * 2, kVpStride);
+    _tile_dpbf16ps(3, 4, 5);
+    _tile_stored(0, acc + c, kAccStride);
+    _tile_stored(1, acc + c + kTile, kAccStride);
+    _tile_stored(2, acc + c + 2 * kTile, kAccStride);
+    _tile_stored(3, acc + c + 3 * kTile, kAccStride);
   }
 }
 
-// acc[r][:] += p[r][:] . v for n = 32 tokens; p and acc have rows up to a multiple of 16.
-static void pv(const uint16_t* p, int m, int n, const uint16_t* vp, float* acc) {
+// One chunk of n = 32 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
+// acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
+static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
+                   const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
+                   const uint16_t* vp, float* /*s*/, uint16_t* /*p16*/) {
   configure_tiles();
-  constexpr int64_t kAccStride = int64_t(kDV) * 4, kVpStride = int64_t(kDV) * 4;
+  uint32_t valid_bits = 0;
+  for (int j = 0; j < n; ++j) valid_bits |= uint32_t(valid[j] != 0) << j;
+  alignas(64) float s_t[2 * kTile][kTile];
+  alignas(64) uint16_t p[kTile][2 * kTile];
   for (int b0 = 0; b0 < m; b0 += kTile) {
-    float* o = acc + int64_t(b0) * kDV;
-    _tile_loadd(4, p + int64_t(b0) * n, int64_t(n) * 2);
-    for (int c = 0; c < kDV; c += 4 * kTile) {
-      _tile_loadd(0, o + c, kAccStride);
-      _tile_loadd(1, o + c + kTile, kAccStride);
-      _tile_loadd(2, o + c + 2 * kTile, kAccStride);
-      _tile_loadd(3, o + c + 3 * kTile, kAccStride);
-      _tile_loadd(5, vp + int64_t(c) * 2, kVpStride);
-      _tile_loadd(6, vp + int64_t(c + kTile) * 2, kVpStride);
-      _tile_loadd(7, vp + int64_t(c + 2 * kTile) * 2, kVpStride);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, vp + int64_t(c + 3 * kTile) * 2, kVpStride);
-      _tile_dpbf16ps(3, 4, 5);
-      _tile_stored(0, o + c, kAccStride);
-      _tile_stored(1, o + c + kTile, kAccStride);
-      _tile_stored(2, o + c + 2 * kTile, kAccStride);
-      _tile_stored(3, o + c + 3 * kTile, kAccStride);
-    }
+    scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t);
+    softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
+              st.acc + int64_t(b0) * kDV, p[0]);
+    pv_block(p[0], vp, st.acc + int64_t(b0) * kDV);
   }
 }
 
@@ -106,9 +191,9 @@ namespace vllm_mla::cpu {
 
 const MicroKernels& micro_kernels_amx() {
   const MicroKernels& base = micro_kernels_avx512();
-  static const MicroKernels k{base.load_f32,        base.scores_f32, base.pv_f32,
-                              amx::pack_q,          avx512::load_bf16, avx512::pack_v_bf16,
-                              amx::scores,          amx::pv,         avx512::softmax};
+  static const MicroKernels k{base.load_f32,   base.scores_f32,   base.pv_f32,
+                              amx::pack_q,     avx512::load_bf16, avx512::pack_v_bf16,
+                              amx::attend,     avx512::softmax};
   return k;
 }
 

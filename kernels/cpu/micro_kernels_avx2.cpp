@@ -11,7 +11,7 @@ namespace vllm_mla::cpu {
 
 const MicroKernels& micro_kernels_avx2() {
   using namespace generic_avx2;
-  static const MicroKernels k{load_f32, scores_f32, pv_f32, nullptr, nullptr, nullptr, nullptr, nullptr,
+  static const MicroKernels k{load_f32, scores_f32, pv_f32, nullptr, nullptr, nullptr, nullptr,
                               softmax};
   return k;
 }

@@ -46,33 +46,37 @@ static inline void e4m3_to_bf16_via_f32(const uint8_t* src, int count, float sca
   }
 }
 
-// bf16 bits of the 128 e4m3 magnitudes (every e4m3 value is exact in bf16).
-struct E4m3Bf16Table {
-  alignas(64) uint16_t bits[128];
-  E4m3Bf16Table() {
-    for (int m = 0; m < 128; ++m) bits[m] = float_to_bf16(e4m3_to_float(uint8_t(m)));
+// bf16 bits of the e4m3 magnitudes the shift below cannot make: zero and the subnormals
+// (entries 0..7) and NaN (entry 31, reached by 0x7f & 31); every e4m3 value is exact in bf16.
+struct E4m3Bf16Specials {
+  alignas(64) uint16_t bits[32] = {};
+  E4m3Bf16Specials() {
+    for (int m = 0; m < 8; ++m) bits[m] = float_to_bf16(e4m3_to_float(uint8_t(m)));
+    bits[31] = float_to_bf16(e4m3_to_float(0x7f));
   }
 };
 
-// The same for a multiplier 2^k: a table lookup (vpermi2w) then k added to the exponent field
-// of the finite non-zero values (all normal in bf16 for |k| <= 100, so the result is exact).
+// The same for a multiplier 2^k, exact: a normal e4m3 magnitude shifted into bf16's fields
+// (exponent rebiased by 120 + k), the specials from the table (k added to the exponent of the
+// non-zero subnormals: all normal in bf16 for |k| <= 100), then the sign.
 static inline void e4m3_to_bf16_pow2(const uint8_t* src, int count, int k, uint16_t* dst) {
-  static const E4m3Bf16Table table;
-  const __m512i t0 = _mm512_load_si512(table.bits), t1 = _mm512_load_si512(table.bits + 32);
-  const __m512i t2 = _mm512_load_si512(table.bits + 64), t3 = _mm512_load_si512(table.bits + 96);
+  static const E4m3Bf16Specials table;
   const __m512i adj = _mm512_set1_epi16(int16_t(k * 128));
-  const __m512i low7 = _mm512_set1_epi16(0x7f), one = _mm512_set1_epi16(1);
+  const __m512i specials =  // entries 1..7 scaled; 0 (zero) and 31 (NaN) kept
+      _mm512_mask_add_epi16(_mm512_load_si512(table.bits), 0x000000feu,
+                            _mm512_load_si512(table.bits), adj);
+  const __m512i bias = _mm512_set1_epi16(int16_t((120 + k) * 128));
+  const __m512i low7 = _mm512_set1_epi16(0x7f), eight = _mm512_set1_epi16(8);
+  const __m512i sign = _mm512_set1_epi16(int16_t(0x8000));
   for (int i = 0; i < count; i += 32) {
     const __m512i b =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m512i mag = _mm512_and_si512(b, low7);
-    __m512i v = _mm512_mask_mov_epi16(_mm512_permutex2var_epi16(t0, mag, t1),
-                                      _mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)),
-                                      _mm512_permutex2var_epi16(t2, mag, t3));
-    const __mmask32 finite_nonzero =  // magnitude in [1, 0x7e]: not zero, not NaN
-        _mm512_cmplt_epu16_mask(_mm512_sub_epi16(mag, one), _mm512_set1_epi16(0x7e));
-    v = _mm512_mask_add_epi16(v, finite_nonzero, v, adj);
-    v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_andnot_si512(low7, b), 8));  // sign
+    __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), bias);
+    const __mmask32 special =
+        _mm512_cmplt_epu16_mask(mag, eight) | _mm512_cmpeq_epi16_mask(mag, low7);
+    v = _mm512_mask_permutexvar_epi16(v, special, mag, specials);
+    v = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(b, 8), sign, 0xf8);  // v | (b<<8 & sign)
     _mm512_storeu_si512(dst + i, v);
   }
 }
@@ -146,9 +150,11 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                       uint16_t* vp) {
-  for (int j = 0; j < n; ++j) decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
-  for (int j = 0; j < n; j += 2)
+  for (int j = 0; j < n; j += 2) {  // each pair packed while its rows are still in L1
+    decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
+    decode_token_bf16(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
     pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
+  }
 }
 
 // s[r][j] = q[r] . k[j]; 4 heads x 4 tokens per register block (d multiple of 32, n of 4).
@@ -246,6 +252,14 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
                             (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 32 * c + 16),
                                                          _mm512_loadu_ps(row + 32 * c)));
   }
+}
+
+static void attend_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
+                        int d, const uint8_t* valid, const int* row_len, float scale2,
+                        SoftmaxState st, const uint16_t* vp, float* s, uint16_t* p16) {
+  scores_bf16(q, m, k, k_stride, n, d, s);
+  softmax(s, m, n, valid, row_len, scale2, st, p16);
+  pv_bf16(p16, m, n, vp, st.acc);
 }
 
 }  // namespace vllm_mla::cpu::avx512

@@ -8,7 +8,7 @@ namespace vllm_mla::cpu {
 
 const MicroKernels& micro_kernels_scalar() {
   using namespace generic_scalar;
-  static const MicroKernels k{load_f32, scores_f32, pv_f32, nullptr, nullptr, nullptr, nullptr, nullptr,
+  static const MicroKernels k{load_f32, scores_f32, pv_f32, nullptr, nullptr, nullptr, nullptr,
                               softmax};
   return k;
 }
