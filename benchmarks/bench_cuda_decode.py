@@ -10,7 +10,6 @@ Prints a table last; one JSON record per shape goes to --json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import DEV, cuda_time, filled_cache, machine_peaks  # noqa: E402
+from cuda_timing import (DEV, cuda_time, filled_cache, parser, start_run,  # noqa: E402
+                         write_json)
 from vllm_mla_backend import ops  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout, as_layout  # noqa: E402
 
@@ -62,23 +62,18 @@ def time_flashinfer(wrapper_cls, cache, block_table, seq_lens, q, scale) -> floa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, budget_s=100.0)
     ap.add_argument("--layouts", default="BF16,V32_FP8,MODEL1_FP8")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--heads", default="16,64,128")
     ap.add_argument("--s-q", default="1,2")
     ap.add_argument("--contexts", default="4096,8192,16384,32768")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--budget-s", type=float, default=100.0,
-                    help="stop starting new shapes after this many seconds (the table still prints)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator(device=DEV).manual_seed(0)
     t0 = time.perf_counter()
-    copy_gbs, mm_tflops = machine_peaks()
+    run = start_run()
+    if run is None:
+        return 2
+    gen, copy_gbs, mm_tflops = run
     peer = flashinfer_peer()
     contexts = [int(x) for x in args.contexts.split(",")]
     b = args.batch
@@ -125,10 +120,7 @@ def main(argv=None) -> int:
                     print(json.dumps(rec), flush=True)
         del cache
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(dict(copy_gbs=copy_gbs, matmul_tflops=mm_tflops,
-                                             device=torch.cuda.get_device_name(),
-                                             records=records), indent=1))
+    write_json(args.json, copy_gbs, mm_tflops, records)
     print(f"\ndevice {torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, bf16 matmul "
           f"{mm_tflops:.0f} TFLOPS (measured); benchmark took {time.perf_counter() - t0:.0f} s"
           + (f"; {skipped} shapes skipped (budget)" if skipped else ""))

@@ -14,7 +14,6 @@ GB/s counts the unique tokens the indices reference (each read once at best) plu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import DEV, cuda_time, filled_cache, machine_peaks  # noqa: E402
+from cuda_timing import DEV, cuda_time, filled_cache, parser, start_run, write_json  # noqa: E402
 from vllm_mla_backend import ops  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout  # noqa: E402
 
@@ -81,19 +80,14 @@ def bench_prefill(s_q, h_q, topk, d_qk, s_kv, gen):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, budget_s=90.0)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--budget-s", type=float, default=90.0,
-                    help="stop starting new shapes after this many seconds")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator(device=DEV).manual_seed(0)
     t0 = time.perf_counter()
-    copy_gbs, mm_tflops = machine_peaks()
+    run = start_run()
+    if run is None:
+        return 2
+    gen, copy_gbs, mm_tflops = run
     b = args.batch
     L = KVLayout
     shapes = [
@@ -115,10 +109,7 @@ def main(argv=None) -> int:
         rows.append(rec)
         print(json.dumps(rec), flush=True)
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(dict(copy_gbs=copy_gbs, matmul_tflops=mm_tflops,
-                                             device=torch.cuda.get_device_name(),
-                                             records=rows), indent=1))
+    write_json(args.json, copy_gbs, mm_tflops, rows)
     print(f"\ndevice {torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, bf16 matmul "
           f"{mm_tflops:.0f} TFLOPS (measured); sparse benchmark took "
           f"{time.perf_counter() - t0:.0f} s" + (f"; {skipped} shapes skipped" if skipped else ""))

@@ -3,6 +3,8 @@ bandwidth and bf16 matmul rate measured in the same run, and caches filled by ou
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -59,3 +61,29 @@ def filled_cache(layout: KVLayout, num_tokens: int, block: int,
                      torch.arange(start, start + t, device=DEV), layout, k_scale=k_scale,
                      impl="cuda")
     return cache
+
+
+def parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
+    """The options every CUDA benchmark takes: --json and --budget-s."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--budget-s", type=float, default=budget_s,
+                    help="stop starting new shapes after this many seconds (the table still prints)")
+    return ap
+
+
+def start_run() -> tuple[torch.Generator, float, float] | None:
+    """(generator, copy GB/s, bf16 matmul TFLOPS) for a run, or None without a CUDA device."""
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    return gen, *machine_peaks()
+
+
+def write_json(path: Path | None, copy_gbs: float, mm_tflops: float, records: list) -> None:
+    if path:
+        path.write_text(json.dumps(dict(copy_gbs=copy_gbs, matmul_tflops=mm_tflops,
+                                        device=torch.cuda.get_device_name(), records=records),
+                                   indent=1))

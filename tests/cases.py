@@ -261,6 +261,22 @@ def sparse_case(layout, block_size, h_q, topk, b=2, s_q=1, num_slots=700, with_l
     return case
 
 
+def all_invalid_rows_case(layout: KVLayout) -> SparseCase:
+    """b=3, s_q=2 with empty rows: request 0 has only -1 main entries and extra length 0;
+    row (1, 0) only out-of-range / negative entries, main and extra; request 2 main length 0
+    (its extra decides) and row (2, 1) an extra index past the extra cache."""
+    case = sparse_case(layout, 64, 16, 64, b=3, s_q=2, with_length=True, sink=True,
+                       extra=(16, 32, 200), seed=3)
+    n = case.cache.shape[0] * case.cache.shape[1]
+    case.indices[0] = -1
+    case.indices[1, 0] = torch.tensor([n, 2**31 - 1, -7, -1] * 16, dtype=torch.int32)
+    case.extra_topk_length[0] = 0
+    case.extra_indices[1, 0] = -1
+    case.extra_indices[2, 1] = 10**6
+    case.topk_length[2] = 0
+    return case
+
+
 # (layout, block_size, h_q, topk, s_q, topk_length, sink, extra, max_valid)
 SPARSE_CASES = [
     (KVLayout.V32_FP8, 64, 16, 64, 1, True, False, None, None),

@@ -13,9 +13,9 @@ import torch
 from vllm_mla_backend import ops, reference
 from vllm_mla_backend.layouts import KVLayout
 
-from cases import (SPARSE_CASES, SparseCase, assert_attention_close, assert_lse_close,
-                   for_each_isa, poisoned_cache, prefill_case, sparse_case, sparse_case_id,
-                   tolerances)
+from cases import (SPARSE_CASES, SparseCase, all_invalid_rows_case, assert_attention_close,
+                   assert_lse_close, for_each_isa, poisoned_cache, prefill_case, sparse_case,
+                   sparse_case_id, tolerances)
 
 L = KVLayout
 
@@ -43,16 +43,7 @@ def test_sparse_decode(params, cpu_kernels):
 def test_all_invalid_rows(layout, cpu_kernels):
     """Rows with only -1 / out-of-range entries, or topk_length 0: out 0, lse +inf; with an
     extra cache the union decides (main empty, extra not)."""
-    case = sparse_case(layout, 64, 16, 64, b=3, s_q=2, with_length=True, sink=True,
-                       extra=(16, 32, 200), seed=3)
-    n = case.cache.shape[0] * case.cache.shape[1]
-    case.indices[0] = -1
-    case.indices[1, 0] = torch.tensor([n, 2**31 - 1, -7, -1] * 16, dtype=torch.int32)
-    case.extra_topk_length[0] = 0
-    case.extra_indices[1, 0] = -1
-    case.extra_indices[2, 1] = 10**6
-    case.topk_length[2] = 0
-    out, lse = check(case)
+    out, lse = check(all_invalid_rows_case(layout))
     assert torch.isposinf(lse[0]).all() and (out[0] == 0).all()
     assert torch.isposinf(lse[1, :, 0]).all() and torch.isposinf(lse[2, :, 1]).all()
     assert torch.isfinite(lse[2, :, 0]).all()
