@@ -18,7 +18,7 @@
 namespace vllm_mla::cpu {
 namespace {
 
-constexpr int kChunk = 32;  // tokens per micro-kernel call (the kernels assume this)
+constexpr int kChunk = 64;  // tokens per micro-kernel call (the kernels assume this)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();

@@ -1,5 +1,5 @@
 // The inner loops of the attention core, one table per instruction set (torch-free: see
-// kv_load.h). A chunk holds N = 32 tokens (attention.cpp kChunk); Q [M][D], K [N][D] and
+// kv_load.h). A chunk holds N = 64 tokens (attention.cpp kChunk); Q [M][D], K [N][D] and
 // S/P [M][N] are dense.
 #pragma once
 

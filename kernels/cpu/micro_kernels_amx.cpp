@@ -47,21 +47,32 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
   }
 }
 
-// S^T of one block of 16 heads against n = 32 tokens: st[j][h] = q[h] . k[j].
+constexpr int kTokens = 4 * kTile;  // a chunk: four token tiles
+
+// S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
+// accumulator tiles, so consecutive tile products do not wait on each other).
 static void scores_t(const uint16_t* qb, const uint16_t* k, int64_t k_stride, int d,
                      float (*st)[kTile]) {
   const int64_t kstride = k_stride * 2;  // bytes
   _tile_zero(0);
   _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   for (int i = 0; i < d; i += 32) {
     _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
-    _tile_loadd(2, k + i, kstride);
-    _tile_loadd(3, k + kTile * k_stride + i, kstride);
-    _tile_dpbf16ps(0, 2, 4);
-    _tile_dpbf16ps(1, 3, 4);
+    _tile_loadd(5, k + i, kstride);
+    _tile_loadd(6, k + kTile * k_stride + i, kstride);
+    _tile_loadd(7, k + 2 * kTile * k_stride + i, kstride);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_dpbf16ps(1, 6, 4);
+    _tile_loadd(5, k + 3 * kTile * k_stride + i, kstride);
+    _tile_dpbf16ps(2, 7, 4);
+    _tile_dpbf16ps(3, 5, 4);
   }
   _tile_stored(0, st[0], 64);
   _tile_stored(1, st[kTile], 64);
+  _tile_stored(2, st[2 * kTile], 64);
+  _tile_stored(3, st[3 * kTile], 64);
 }
 
 // r[i] (16 lanes) -> r[i][h] moved to row h, lane i (a 16 x 16 transpose of 32-bit elements).
@@ -91,16 +102,17 @@ static inline void transpose16x16(__m512i r[16]) {
 }
 
 // Online softmax of one head block on S^T, one vector per token (a lane per head: no horizontal
-// reductions), then P [16 heads][32 tokens] in bf16 for the P.V tile. Same rules as
-// avx512::softmax; lanes past `rows` stay untouched and give zero P rows.
-static void softmax_t(float (*st)[kTile], int rows, uint32_t valid_bits, const int* row_len,
+// reductions), then P in bf16 as two A tiles, p[t][16 heads][32 tokens] for tokens 32t.., for
+// the P.V product. Same rules as avx512::softmax; lanes past `rows` stay untouched and give
+// zero P rows.
+static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const int* row_len,
                       float scale2, float* max2, float* sum, float* acc, uint16_t* p) {
   const __mmask16 lanes = rows >= kTile ? 0xffff : __mmask16((1u << rows) - 1u);
   const __m512i len = _mm512_maskz_loadu_epi32(lanes, row_len);
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), scale = _mm512_set1_ps(scale2);
-  __mmask16 use[2 * kTile];
+  __mmask16 use[kTokens];
   __m512 mx = neg_inf;
-  for (int j = 0; j < 2 * kTile; ++j) {
+  for (int j = 0; j < kTokens; ++j) {
     use[j] = (valid_bits >> j) & 1u
                  ? _mm512_mask_cmpgt_epi32_mask(lanes, len, _mm512_set1_epi32(j))
                  : __mmask16(0);
@@ -109,19 +121,25 @@ static void softmax_t(float (*st)[kTile], int rows, uint32_t valid_bits, const i
   const __m512 old = _mm512_mask_loadu_ps(neg_inf, lanes, max2);
   const __m512 top = _mm512_max_ps(old, mx);
   const __mmask16 live = _mm512_cmp_ps_mask(top, neg_inf, _CMP_NEQ_OQ);
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                              17, 1, 16, 0);
   __m512 total = _mm512_setzero_ps();
-  __m512i pairs[kTile];
-  for (int j = 0; j < 2 * kTile; j += 2) {
-    const __m512 p0 = _mm512_maskz_mov_ps(
-        use[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j]), scale), top)));
-    const __m512 p1 = _mm512_maskz_mov_ps(
-        use[j + 1], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j + 1]), scale), top)));
-    total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
-    // lane h of pairs[j / 2]: (p[h][j], p[h][j + 1]) in bf16
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
-                                                25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
-                                                18, 2, 17, 1, 16, 0);
-    pairs[j / 2] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  for (int t = 0; t < kTokens; t += 2 * kTile) {
+    __m512i pairs[kTile];  // lane h of pairs[i]: (p[h][t + 2i], p[h][t + 2i + 1]) in bf16
+    for (int i = 0; i < kTile; ++i) {
+      const int j = t + 2 * i;
+      const __m512 p0 = _mm512_maskz_mov_ps(
+          use[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j]), scale), top)));
+      const __m512 p1 = _mm512_maskz_mov_ps(
+          use[j + 1],
+          exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j + 1]), scale), top)));
+      total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
+      pairs[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    transpose16x16(pairs);
+    uint16_t* tile = p + t * kTile;
+    for (int h = 0; h < kTile; ++h) _mm512_store_si512(tile + h * 2 * kTile, pairs[h]);
   }
   const __mmask16 seen = _mm512_cmp_ps_mask(old, neg_inf, _CMP_NEQ_OQ);
   const __m512 alpha = _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old, top)));  // 0: none
@@ -138,49 +156,46 @@ static void softmax_t(float (*st)[kTile], int rows, uint32_t valid_bits, const i
     const __m512 f = _mm512_set1_ps(a[h]);
     for (int i = 0; i < kDV; i += 16) _mm512_store_ps(o + i, _mm512_mul_ps(_mm512_load_ps(o + i), f));
   }
-  transpose16x16(pairs);
-  for (int h = 0; h < kTile; ++h) _mm512_store_si512(p + h * 2 * kTile, pairs[h]);
 }
 
-// acc[h][:] += p[h][:] . v for one block of 16 heads and n = 32 tokens (v as token pairs).
+// acc[h][:] += p[h][:] . v for one block of 16 heads and a chunk (v as token pairs, p as the
+// two tiles of softmax_t): each accumulator tile is loaded and stored once per chunk.
 static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc) {
   constexpr int64_t kAccStride = int64_t(kDV) * 4, kVpStride = int64_t(kDV) * 4;
+  const uint16_t* vp_hi = vp + int64_t(kTile) * kDV * 2;  // token pairs 16..31
   _tile_loadd(4, p, 64);
-  for (int c = 0; c < kDV; c += 4 * kTile) {
+  _tile_loadd(5, p + 2 * kTile * kTile, 64);
+  for (int c = 0; c < kDV; c += 2 * kTile) {
     _tile_loadd(0, acc + c, kAccStride);
     _tile_loadd(1, acc + c + kTile, kAccStride);
-    _tile_loadd(2, acc + c + 2 * kTile, kAccStride);
-    _tile_loadd(3, acc + c + 3 * kTile, kAccStride);
-    _tile_loadd(5, vp + int64_t(c) * 2, kVpStride);
-    _tile_loadd(6, vp + int64_t(c + kTile) * 2, kVpStride);
-    _tile_loadd(7, vp + int64_t(c + 2 * kTile) * 2, kVpStride);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, vp + int64_t(c + 3 * kTile) * 2, kVpStride);
-    _tile_dpbf16ps(3, 4, 5);
+    _tile_loadd(6, vp + int64_t(c) * 2, kVpStride);
+    _tile_loadd(7, vp + int64_t(c + kTile) * 2, kVpStride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, vp_hi + int64_t(c) * 2, kVpStride);
+    _tile_loadd(7, vp_hi + int64_t(c + kTile) * 2, kVpStride);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_dpbf16ps(1, 5, 7);
     _tile_stored(0, acc + c, kAccStride);
     _tile_stored(1, acc + c + kTile, kAccStride);
-    _tile_stored(2, acc + c + 2 * kTile, kAccStride);
-    _tile_stored(3, acc + c + 3 * kTile, kAccStride);
   }
 }
 
-// One chunk of n = 32 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
+// One chunk of n = 64 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
 // acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
 static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
                    const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
                    const uint16_t* vp, float* /*s*/, uint16_t* /*p16*/) {
   configure_tiles();
-  uint32_t valid_bits = 0;
-  for (int j = 0; j < n; ++j) valid_bits |= uint32_t(valid[j] != 0) << j;
-  alignas(64) float s_t[2 * kTile][kTile];
-  alignas(64) uint16_t p[kTile][2 * kTile];
+  uint64_t valid_bits = 0;
+  for (int j = 0; j < n; ++j) valid_bits |= uint64_t(valid[j] != 0) << j;
+  alignas(64) float s_t[kTokens][kTile];
+  alignas(64) uint16_t p[2][kTile][2 * kTile];
   for (int b0 = 0; b0 < m; b0 += kTile) {
     scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t);
     softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
-              st.acc + int64_t(b0) * kDV, p[0]);
-    pv_block(p[0], vp, st.acc + int64_t(b0) * kDV);
+              st.acc + int64_t(b0) * kDV, p[0][0]);
+    pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV);
   }
 }
 

@@ -206,20 +206,21 @@ static void pv_bf16(const uint16_t* p, int m, int n, const uint16_t* vp, float* 
   for (; r < m; ++r) pv_block<1>(p + int64_t(r) * n, n, vp, acc + int64_t(r) * kDV);
 }
 
-// Online softmax (see micro_kernels.h); n == 32.
+// Online softmax (see micro_kernels.h); n == 64.
 static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row_len,
                     float scale2, SoftmaxState st, uint16_t* p16) {
-  uint32_t valid_bits = 0;
-  for (int j = 0; j < n; ++j) valid_bits |= uint32_t(valid[j] != 0) << j;
+  constexpr int kVecs = 4;  // n / 16
+  uint64_t valid_bits = 0;
+  for (int j = 0; j < n; ++j) valid_bits |= uint64_t(valid[j] != 0) << j;
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   const __m512 scale = _mm512_set1_ps(scale2);
   for (int r = 0; r < m; ++r) {
     float* row = s + int64_t(r) * n;
-    const uint32_t len_bits = row_len[r] >= 32 ? ~0u : (1u << row_len[r]) - 1u;
-    const uint32_t bits = valid_bits & len_bits;
-    __m512 x[2];
+    const uint64_t len_bits = row_len[r] >= 64 ? ~0ull : (1ull << row_len[r]) - 1ull;
+    const uint64_t bits = valid_bits & len_bits;
+    __m512 x[kVecs];
     __m512 mx = neg_inf;
-    for (int c = 0; c < n / 16; ++c) {
+    for (int c = 0; c < kVecs; ++c) {
       x[c] = _mm512_mask_mul_ps(neg_inf, __mmask16(bits >> (16 * c)), _mm512_loadu_ps(row + 16 * c),
                                 scale);
       mx = _mm512_max_ps(mx, x[c]);
@@ -228,11 +229,11 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
     float new_max = _mm512_reduce_max_ps(mx);
     new_max = old_max > new_max ? old_max : new_max;
     if (new_max == -__builtin_inff()) {
-      for (int c = 0; c < n / 16; ++c) _mm512_storeu_ps(row + 16 * c, _mm512_setzero_ps());
+      for (int c = 0; c < kVecs; ++c) _mm512_storeu_ps(row + 16 * c, _mm512_setzero_ps());
     } else {
       __m512 total = _mm512_setzero_ps();
       const __m512 vmax = _mm512_set1_ps(new_max);
-      for (int c = 0; c < n / 16; ++c) {
+      for (int c = 0; c < kVecs; ++c) {
         x[c] = _mm512_maskz_mov_ps(__mmask16(bits >> (16 * c)), exp2_ps(_mm512_sub_ps(x[c], vmax)));
         total = _mm512_add_ps(total, x[c]);
         _mm512_storeu_ps(row + 16 * c, x[c]);
