@@ -487,9 +487,12 @@ def mla_sparse_prefill(q, kv, indices, softmax_scale, attn_sink=None, topk_lengt
     scale = _softmax_scale(softmax_scale, d_qk)
     _same_device(q.device, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     impl = _resolve_impl(impl, q.device)
-    if impl == "cuda" and q.dtype == torch.float32:
-        raise TypeError("q / kv: sparse prefill on CUDA takes bfloat16 or float16 (tensor-core "
-                        "kernels), got float32; use impl='reference' for float32")
+    if impl == "cuda":
+        if q.dtype == torch.float32:
+            raise TypeError("q / kv: sparse prefill on CUDA takes bfloat16 or float16 "
+                            "(tensor-core kernels), got float32; use impl='reference'")
+        if kv.data_ptr() % 16 or (kv.shape[0] > 1 and kv.stride(0) % 8):
+            kv = kv.clone(memory_format=torch.contiguous_format)  # 16-byte row chunks
     if impl == "reference" or s_q == 0:
         o, m, lse = reference.mla_sparse_prefill(q, kv, indices, scale, attn_sink, topk_length)
         return o.to(q.dtype), m.float(), lse.float()

@@ -208,6 +208,21 @@ def test_sparse_prefill(cuda_kernels, d_qk, s_q, h_q, s_kv, topk, length, sink, 
     torch.testing.assert_close(out.double(), want_out, atol=atol_frac * v_max, rtol=rtol)
 
 
+def test_sparse_prefill_misaligned_kv_view(cuda_kernels):
+    """A kv view 2 bytes off a 16-byte boundary (vLLM may pass slices) gives the same result."""
+    q, kv, indices, topk_length, _ = prefill_case(512, 4, 16, 300, 128, seed=2)
+    scale = 512 ** -0.5
+    want = ops.mla_sparse_prefill(q.to(DEV), kv.to(DEV), indices.to(DEV), scale,
+                                  topk_length=topk_length.to(DEV), impl="cuda")
+    flat = torch.empty(kv.numel() + 1, dtype=kv.dtype, device=DEV)
+    shifted = flat[1:].view(kv.shape)
+    shifted.copy_(kv)
+    got = ops.mla_sparse_prefill(q.to(DEV), shifted, indices.to(DEV), scale,
+                                 topk_length=topk_length.to(DEV), impl="cuda")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_sparse_prefill_float32_is_a_clear_error(cuda_kernels):
     q, kv, indices, _, _ = prefill_case(576, 2, 16, 100, 64, seed=1)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
