@@ -202,13 +202,10 @@ class Runner {
     return stride;
   }
 
-  // into L2 (locality 2): the chunk buffers own L1
-  void prefetch(const TokenRef* refs, int i0, int i1) const {
-    for (int i = i0; i < i1; ++i) {
-      if (!refs[i].data) continue;
-      for (int b = 0; b < token_bytes_; b += 64) __builtin_prefetch(refs[i].data + b, 0, 2);
-      if (refs[i].scale) __builtin_prefetch(refs[i].scale, 0, 2);
-    }
+  // Steps the bf16 kernels take per chunk (load pairs, then per block of 16 rows the score
+  // k-steps and the P.V column blocks): the next chunk's lines are spread over them.
+  int prefetch_steps() const {
+    return kChunk / 2 + (p_.rows + 15) / 16 * (p_.d_qk / 32 + kDV / 32);
   }
 
   void process(Scratch& sc, const WorkItem& it) {
@@ -226,16 +223,19 @@ class Runner {
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
     TokenRef refs[kChunk], next[kChunk] = {};
+    PrefetchQueue pf;
+    const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
+                               prefetch_steps();
     uint8_t valid[kChunk];
     const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
     gather_chunk(it, it.begin, refs);
     for (int64_t j0 = it.begin; j0 < it.end; j0 += kChunk) {
-      // the next chunk's tokens may lie in other blocks: prefetch them in two halves, before
-      // and after this chunk's load, so the misses overlap with compute
-      const bool pf = j0 + kChunk < it.end;
-      if (pf) {
+      // the next chunk's tokens may lie in other blocks: prefetched while this one computes
+      if (j0 + kChunk < it.end) {
         gather_chunk(it, j0 + kChunk, next);
-        prefetch(next, 0, kChunk / 2);
+        pf.reset(next, kChunk, token_bytes_, lines_per_step);
+      } else {
+        pf.reset(next, 0, token_bytes_, 0);
       }
       const int n = int(std::min<int64_t>(kChunk, it.end - j0));
       bool any = false;
@@ -249,22 +249,23 @@ class Runner {
           const uint16_t* k = sc.kb.data();
           int64_t k_stride = d;
           if (const int64_t stride = in_place_stride(refs)) {
-            mk_.pack_v_bf16(refs, kChunk, sc.vp.data());
+            mk_.pack_v_bf16(refs, kChunk, sc.vp.data(), &pf);
             k = reinterpret_cast<const uint16_t*>(refs[0].data);
             k_stride = stride / 2;
           } else {
-            mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data());
+            mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), sc.vp.data(), &pf);
           }
-          if (pf) prefetch(next, kChunk / 2, kChunk);
           mk_.attend_bf16(sc.qb.data(), m, k, k_stride, kChunk, d, valid, sc.row_len.data(),
-                          scale2_, st, sc.vp.data(), sc.s.data(), sc.p16.data());
+                          scale2_, st, sc.vp.data(), sc.s.data(), sc.p16.data(), &pf);
         } else {
+          pf.drain();
           mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
           mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());
           mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, nullptr);
           mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, sc.acc.data());
         }
       }
+      pf.drain();
       std::copy(next, next + kChunk, refs);
     }
     if (it.partial < 0) {

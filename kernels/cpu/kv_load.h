@@ -113,6 +113,47 @@ inline void decode_token_f32(Layout layout, int d, TokenRef ref, float* out) {
   }
 }
 
+// Software prefetch of a chunk's token records into L2, issued a few lines at a time from
+// inside the compute loops of the chunk before it: a burst of hundreds waits on the line fill
+// buffers and stalls the very compute it should overlap with.
+class PrefetchQueue {
+ public:
+  // `lines_per_step` lines of refs[0..n) (records of `record_bytes`) per step().
+  void reset(const TokenRef* refs, int n, int record_bytes, int lines_per_step) {
+    refs_ = refs;
+    n_ = n;
+    bytes_ = record_bytes;
+    per_step_ = lines_per_step;
+    token_ = 0;
+    offset_ = 0;
+  }
+  void step() {
+    for (int k = 0; k < per_step_ && token_ < n_; ++k) issue();
+  }
+  void drain() {
+    while (token_ < n_) issue();
+  }
+
+ private:
+  void issue() {
+    const TokenRef& t = refs_[token_];
+    if (!t.data) {  // invalid slot: never touched
+      ++token_;
+      return;
+    }
+    if (offset_ == 0 && t.scale) __builtin_prefetch(t.scale, 0, 2);
+    __builtin_prefetch(t.data + offset_, 0, 2);  // locality 2: L2, the chunk buffers own L1
+    offset_ += 64;
+    if (offset_ >= bytes_) {
+      offset_ = 0;
+      ++token_;
+    }
+  }
+
+  const TokenRef* refs_ = nullptr;
+  int n_ = 0, bytes_ = 0, per_step_ = 0, token_ = 0, offset_ = 0;
+};
+
 // Token `t` (head h) of block `block` in a byte cache with block stride `stride0`.
 inline TokenRef cache_token(const uint8_t* base, int64_t stride0, Layout layout, int64_t block,
                             int t, int h, int h_kv, int block_size) {

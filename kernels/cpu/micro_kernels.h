@@ -26,16 +26,18 @@ struct MicroKernels {
   // bf16 compute (nullptr below AVX-512 BF16): K rows as bf16 plus V repacked in token pairs,
   // vp[n/2][kDV][2], the VNNI order of vdpbf16ps / AMX. Q is packed once per work item into the
   // kernel's own order (q [M][D] -> packed, M rounded up to 16); P and acc hold that many rows.
+  // Every bf16 kernel advances `pf` (the next chunk's prefetch) a step per inner iteration.
   void (*pack_q_bf16)(const uint16_t* q, int m, int d, uint16_t* packed);
-  void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp);
+  void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp,
+                    PrefetchQueue* pf);
   // BF16 caches whose chunk rows are all valid and evenly spaced skip the K copy: only V is
   // packed, straight from the cache, and the scores read K rows in place (k_stride elements).
-  void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp);
+  void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp, PrefetchQueue* pf);
   // One chunk in bf16: s = Q.K^T (K rows k_stride elements apart), the online softmax (as
   // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch.
   void (*attend_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
                       const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
-                      const uint16_t* vp, float* s, uint16_t* p16);
+                      const uint16_t* vp, float* s, uint16_t* p16, PrefetchQueue* pf);
 
   // Online softmax over one chunk: s [M][N] raw dot products -> probabilities (in place, and as
   // bf16 into p16 when given). Entry (r, j) counts iff valid[j] and j < row_len[r].

@@ -52,13 +52,13 @@ constexpr int kTokens = 4 * kTile;  // a chunk: four token tiles
 // S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
 // accumulator tiles, so consecutive tile products do not wait on each other).
 static void scores_t(const uint16_t* qb, const uint16_t* k, int64_t k_stride, int d,
-                     float (*st)[kTile]) {
+                     float (*st)[kTile], PrefetchQueue* pf) {
   const int64_t kstride = k_stride * 2;  // bytes
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int i = 0; i < d; i += 32) {
+  for (int i = 0; i < d; i += 32, pf->step()) {
     _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
     _tile_loadd(5, k + i, kstride);
     _tile_loadd(6, k + kTile * k_stride + i, kstride);
@@ -160,12 +160,12 @@ static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const i
 
 // acc[h][:] += p[h][:] . v for one block of 16 heads and a chunk (v as token pairs, p as the
 // two tiles of softmax_t): each accumulator tile is loaded and stored once per chunk.
-static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc) {
+static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc, PrefetchQueue* pf) {
   constexpr int64_t kAccStride = int64_t(kDV) * 4, kVpStride = int64_t(kDV) * 4;
   const uint16_t* vp_hi = vp + int64_t(kTile) * kDV * 2;  // token pairs 16..31
   _tile_loadd(4, p, 64);
   _tile_loadd(5, p + 2 * kTile * kTile, 64);
-  for (int c = 0; c < kDV; c += 2 * kTile) {
+  for (int c = 0; c < kDV; c += 2 * kTile, pf->step()) {
     _tile_loadd(0, acc + c, kAccStride);
     _tile_loadd(1, acc + c + kTile, kAccStride);
     _tile_loadd(6, vp + int64_t(c) * 2, kVpStride);
@@ -185,17 +185,17 @@ static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc) {
 // acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
 static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
                    const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
-                   const uint16_t* vp, float* /*s*/, uint16_t* /*p16*/) {
+                   const uint16_t* vp, float* /*s*/, uint16_t* /*p16*/, PrefetchQueue* pf) {
   configure_tiles();
   uint64_t valid_bits = 0;
   for (int j = 0; j < n; ++j) valid_bits |= uint64_t(valid[j] != 0) << j;
   alignas(64) float s_t[kTokens][kTile];
   alignas(64) uint16_t p[2][kTile][2 * kTile];
   for (int b0 = 0; b0 < m; b0 += kTile) {
-    scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t);
+    scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t, pf);
     softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
               st.acc + int64_t(b0) * kDV, p[0][0]);
-    pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV);
+    pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
   }
 }
 

@@ -138,8 +138,8 @@ static inline void pack_v_pair(const uint16_t* a, const uint16_t* b, uint16_t* o
   }
 }
 
-static void pack_v_bf16(const TokenRef* refs, int n, uint16_t* vp) {
-  for (int j = 0; j < n; j += 2)
+static void pack_v_bf16(const TokenRef* refs, int n, uint16_t* vp, PrefetchQueue* pf) {
+  for (int j = 0; j < n; j += 2, pf->step())
     pack_v_pair(reinterpret_cast<const uint16_t*>(refs[j].data),
                 reinterpret_cast<const uint16_t*>(refs[j + 1].data), vp + int64_t(j / 2) * kDV * 2);
 }
@@ -149,8 +149,8 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 }
 
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
-                      uint16_t* vp) {
-  for (int j = 0; j < n; j += 2) {  // each pair packed while its rows are still in L1
+                      uint16_t* vp, PrefetchQueue* pf) {
+  for (int j = 0; j < n; j += 2, pf->step()) {  // each pair packed while its rows are in L1
     decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
     decode_token_bf16(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
     pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
@@ -257,7 +257,8 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
 
 static void attend_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
                         int d, const uint8_t* valid, const int* row_len, float scale2,
-                        SoftmaxState st, const uint16_t* vp, float* s, uint16_t* p16) {
+                        SoftmaxState st, const uint16_t* vp, float* s, uint16_t* p16,
+                        PrefetchQueue* /*pf: the caller drains it*/) {
   scores_bf16(q, m, k, k_stride, n, d, s);
   softmax(s, m, n, valid, row_len, scale2, st, p16);
   pv_bf16(p16, m, n, vp, st.acc);
