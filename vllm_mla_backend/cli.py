@@ -2,6 +2,7 @@
 
     vllm-mla serve MODEL [vllm serve options...]   vLLM's OpenAI server, our backend on
     vllm-mla demo [--moe] [--keep-logs]             tiny model -> server -> completion + chat
+    vllm-mla bench [--batch-sizes 1 8] [--rounds N] tiny-model decode tok/s: ours vs vLLM's own
     vllm-mla doctor                                 versions, ISA, kernels, selected backend
 
 ``serve`` is ``vllm serve`` with ``VLLM_MLA_BACKEND=1`` unless the environment sets it.  It calls
@@ -26,7 +27,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ENV_VAR = "VLLM_MLA_BACKEND"
+from . import bench
+from .backend.registration import ENV_VAR
+
 DEMO_MODEL_NAME = "tiny-deepseek-v3"
 
 
@@ -308,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="tiny model -> OpenAI server -> completion + chat")
     p_demo.add_argument("--moe", action="store_true", help="the MoE variant of the tiny model")
     p_demo.add_argument("--keep-logs", action="store_true", help="keep the server log file")
+    p_bench = sub.add_parser("bench", help="tiny-model decode throughput and engine start: "
+                                           "our backend vs vLLM's own, alternating")
+    bench.add_arguments(p_bench)
     sub.add_parser("doctor", help="versions, ISA, kernel build/load, selected backend")
     args = parser.parse_args(argv)
+    if args.cmd == "bench":
+        return bench.command(args)
     if args.cmd == "demo":
         try:
             return demo(moe=args.moe, keep_logs=args.keep_logs)

@@ -1,0 +1,227 @@
+"""Tiny-model decode throughput and engine start time: our backend vs vLLM's own, same machine.
+
+    vllm-mla bench [--batch-sizes 1 8] [--rounds 5] [--tokens 128] [--dtype bfloat16] [--cpu N]
+    (or: python benchmarks/decode_throughput.py, the same options)
+
+Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
+for vLLM's: AMX_MLA on AMX CPUs, CPU_MLA otherwise), both bound to the same core (``--cpu``).
+Engines start one after the other; then measurements alternate between them (each round
+measures both, the order swapping every round) so that load from other processes on a shared
+machine hits both alike.  Reported: the best round per backend, and the median over rounds of
+the paired ratio ours / vLLM's (each round's two measurements ran back to back, so a load burst
+that spans a round cancels out).  Start time is the ``LLM(...)`` constructor; the first engine may
+pay for filling vLLM's torch.compile cache, so the first start is repeated after the cache is
+warm (``--start-once`` skips that when the caches are known warm).
+
+Decode tokens/s at batch B: B prompts of 32 random tokens, greedy, ``ignore_eos``; the time to
+generate 1 token (prefill + first step) is subtracted from the time to generate ``--tokens``,
+so the figure is B * (tokens - 1) / decode seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .backend.registration import ENV_VAR
+
+PROMPT_TOKENS = 32
+BACKENDS = {"ours": "1", "vllm": None}     # VLLM_MLA_BACKEND per engine; None: unset
+LABELS = {"ours": f"ours ({ENV_VAR}=1)", "vllm": "vLLM's own (unset)"}
+
+
+def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu: int,
+                   batches: tuple[int, ...]) -> None:
+    """Child: start one engine, then answer ("measure", batch, tokens) until ("stop",)."""
+    os.environ.pop(ENV_VAR, None)
+    if backend_value is not None:
+        os.environ[ENV_VAR] = backend_value
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
+    import torch
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, max_model_len=1024, max_num_seqs=max(batches), seed=0)
+    conn.send(time.perf_counter() - t0)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: [{"prompt_token_ids": torch.randint(5, vocab, (PROMPT_TOKENS,),
+                                                      generator=gen).tolist()} for _ in range(b)]
+               for b in batches}
+
+    def seconds(batch: int, max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts[batch], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    for batch in batches:                      # warm-up: shapes, allocator, caches
+        seconds(batch, 8)
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, batch, tokens = msg
+        conn.send(batch * (tokens - 1) / (seconds(batch, tokens) - seconds(batch, 1)))
+    del llm
+
+
+class Engine:
+    """One engine in a spawned child process, driven over a pipe."""
+
+    def __init__(self, name: str, model: str, dtype: str, cpu: int, batches: tuple[int, ...]):
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=engine_process, args=(child, BACKENDS[name], model, dtype,
+                                                             cpu, batches), daemon=False)
+        self.proc.start()
+
+    def wait_started(self) -> float:
+        try:
+            return self.conn.recv()
+        except EOFError:   # the child died before its engine was up: its log says why
+            self.proc.join(30)
+            raise RuntimeError(f"{self.name}: engine process exited during startup (exit code "
+                               f"{self.proc.exitcode}); see its log above") from None
+
+    def decode_tok_s(self, batch: int, tokens: int) -> float:
+        self.conn.send(("measure", batch, tokens))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+            self.proc.join(120)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
+@dataclass
+class Settings:
+    model: str
+    dtype: str = "bfloat16"
+    batches: tuple[int, ...] = (1, 8)
+    tokens: int = 128
+    rounds: int = 5
+    cpu: int = 0
+    start_once: bool = False
+
+
+@dataclass
+class Result:
+    settings: Settings
+    starts: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in BACKENDS})
+    speeds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+
+    def best(self, name: str, batch: int) -> float:
+        return max(self.speeds[name, batch])
+
+    def paired_ratio(self, batch: int) -> float:
+        """Median over rounds of ours / vLLM's tok/s."""
+        return statistics.median(o / v for o, v in zip(self.speeds["ours", batch],
+                                                        self.speeds["vllm", batch]))
+
+    def start(self, name: str) -> float:
+        """The warm start (the last one of this backend)."""
+        return self.starts[name][-1]
+
+
+def run(settings: Settings, log=sys.stderr) -> Result:
+    """Start both engines, alternate the measurements, stop the engines."""
+    s = settings
+    result = Result(s)
+    engines = []
+    try:
+        if not s.start_once:
+            # The first start may compile (vLLM's compile cache); restart once the cache is warm.
+            first = Engine("ours", s.model, s.dtype, s.cpu, s.batches)
+            engines.append(first)
+            result.starts["ours"].append(first.wait_started())
+            first.stop()
+            engines.remove(first)
+        for name in BACKENDS:
+            engine = Engine(name, s.model, s.dtype, s.cpu, s.batches)
+            engines.append(engine)
+            result.starts[name].append(engine.wait_started())
+            print(f"{name}: engine started in {result.start(name):.1f} s", file=log, flush=True)
+        result.speeds = {(e.name, b): [] for e in engines for b in s.batches}
+        for r in range(s.rounds):
+            for batch in s.batches:
+                for engine in (engines if r % 2 == 0 else engines[::-1]):
+                    result.speeds[engine.name, batch].append(engine.decode_tok_s(batch, s.tokens))
+            print(f"round {r}: " + ", ".join(f"{n} b{b} {v[-1]:.1f}" for (n, b), v in
+                                              result.speeds.items()), file=log, flush=True)
+    finally:
+        for engine in engines:
+            engine.stop()
+    return result
+
+
+def format_table(result: Result) -> str:
+    s = result.settings
+    lines = [f"Tiny DeepSeek-V3 ({os.path.basename(s.model.rstrip('/'))}), {s.dtype}, both "
+             f"engines' workers on CPU {s.cpu}, {s.rounds} interleaved rounds of {s.tokens} "
+             f"tokens, best per backend",
+             "| backend | engine start, warm caches (s) | "
+             + " | ".join(f"decode tok/s, batch {b}" for b in s.batches) + " |",
+             "|---|---|" + "---|" * len(s.batches)]
+    for name in BACKENDS:
+        lines.append(f"| {LABELS[name]} | {result.start(name):.1f} | "
+                     + " | ".join(f"{result.best(name, b):.1f}" for b in s.batches) + " |")
+    ratios = ", ".join(f"batch {b} {result.best('ours', b) / result.best('vllm', b):.2f}x"
+                       for b in s.batches)
+    paired = ", ".join(f"batch {b} {result.paired_ratio(b):.2f}x" for b in s.batches)
+    starts = {n: [round(t, 1) for t in v] for n, v in result.starts.items()}
+    lines.append(f"\nours / vLLM's: {ratios} (best rounds); {paired} (median of per-round "
+                 f"ratios); start {result.start('ours') / result.start('vllm'):.2f}x "
+                 f"(all starts: {starts})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (default: the tiny dense model, built once)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B",
+                        help="decode batch sizes (default: 1 8)")
+    parser.add_argument("--tokens", type=int, default=128,
+                        help="tokens generated per request and measurement (default: 128)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved measurement rounds; the best counts (default: 5)")
+    parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
+                        help="the core both engines' workers are bound to")
+    parser.add_argument("--start-once", action="store_true",
+                        help="skip the throwaway first start that warms vLLM's compile cache")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.tokens < 2 or args.rounds < 1 or min(args.batch_sizes) < 1:
+        raise SystemExit("bench: need --tokens >= 2, --rounds >= 1 and batch sizes >= 1")
+    model = args.model
+    if model is None:
+        from .tiny_model import build_tiny_model
+        model = str(build_tiny_model())
+    return Settings(model=model, dtype=args.dtype, batches=tuple(args.batch_sizes),
+                    tokens=args.tokens, rounds=args.rounds, cpu=args.cpu,
+                    start_once=args.start_once)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run with parsed ``add_arguments`` options and print the table (``vllm-mla bench``)."""
+    result = run(settings_from_args(args))
+    print("\n" + format_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
