@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -82,7 +83,12 @@ void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, f
 struct WorkItem {
   int64_t group, begin, end;
   int64_t partial;  // row offset of the split's partial state, -1 for a group of one split
+  int64_t merge;    // index of the group's merge, -1 for a group of one split
 };
+
+// Fewer threads for small problems: below this many (query row x token) products per thread a
+// fork / join costs more than the thread saves (and on a shared machine far more).
+constexpr int64_t kMinRowTokensPerThread = 32768;
 
 int round16(int m) { return (m + 15) / 16 * 16; }
 
@@ -151,21 +157,30 @@ class Runner {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t n = task_.num_tokens(g);
       if (n <= split) {
-        items.push_back({g, 0, n, -1});
+        items.push_back({g, 0, n, -1, -1});
         continue;
       }
-      const int64_t first = int64_t(items.size());
+      const int64_t first = int64_t(items.size()), merge = int64_t(merges.size());
       for (int64_t b = 0; b < n; b += split, partial_rows += p_.rows)
-        items.push_back({g, b, std::min(n, b + split), partial_rows});
+        items.push_back({g, b, std::min(n, b + split), partial_rows, merge});
       merges.push_back({g, first, int64_t(items.size()) - first});
     }
     part_acc_.resize(size_t(partial_rows) * kDV);
     part_max_.resize(partial_rows);
     part_sum_.resize(partial_rows);
 
-    for_each_dynamic(int64_t(items.size()), [&](Scratch& sc, int64_t i) { process(sc, items[i]); });
-    for_each_dynamic(int64_t(merges.size()), [&](Scratch& sc, int64_t i) {
-      merge(sc, merges[i].group, items.data() + merges[i].first, merges[i].count);
+    // One parallel region: the thread that finishes a group's last split merges the group (in
+    // split order, so the result does not depend on which thread it is).
+    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
+    for (size_t i = 0; i < merges.size(); ++i) pending[i].store(merges[i].count);
+    const int64_t max_workers = std::max<int64_t>(1, total * p_.rows / kMinRowTokensPerThread);
+    for_each_dynamic(int64_t(items.size()), max_workers, [&](Scratch& sc, int64_t i) {
+      const WorkItem& it = items[i];
+      process(sc, it);
+      if (it.merge >= 0 && pending[it.merge].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        const Merge& mg = merges[it.merge];
+        merge(sc, mg.group, items.data() + mg.first, mg.count);
+      }
     });
   }
 
@@ -173,10 +188,10 @@ class Runner {
   // Items are claimed dynamically (uneven lengths); each is computed independently, so the
   // result does not depend on which thread ran it.
   template <typename F>
-  void for_each_dynamic(int64_t count, const F& fn) {
+  void for_each_dynamic(int64_t count, int64_t max_workers, const F& fn) {
     if (count == 0) return;
     std::atomic<int64_t> next{0};
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+    const int64_t workers = std::min<int64_t>({at::get_num_threads(), count, max_workers});
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(p_.rows, p_.d_qk, bf16_);
       for (int64_t w = begin; w < end; ++w)
