@@ -9,7 +9,7 @@ else :data:`DEFAULT_ARCHS` restricted to what the installed nvcc supports.
 ``python -m vllm_mla_backend.build check-cuda --arch 80,90a`` compiles every CUDA translation unit
 with nvcc against torch's headers (plus a host syntax check of the bindings), writes ptxas's
 per-kernel report (registers, spills, shared memory) to a file and fails on any compile error or
-on a spill in a decode kernel.
+on a spill in an attention or combine kernel (the hot loops).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def check_cuda(arch: str, report_path: Path) -> int:
     report = format_report(usages, names)
     summary = (f"check-cuda: {len(units)} units, archs {','.join(archs)}, "
                f"{len(usages)} kernel builds, {len(failed)} failed, "
-               f"{len(spills)} decode-kernel spills, {elapsed:.0f} s wall, {cpu:.0f} s CPU")
+               f"{len(spills)} attention-kernel spills, {elapsed:.0f} s wall, {cpu:.0f} s CPU")
     report_path = Path(report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(summary + "\n\n" + report + "\n" + "\n".join(logs))
