@@ -237,21 +237,29 @@ class Runner {
     std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
-    TokenRef refs[kChunk], next[kChunk] = {};
+    // chunks c, c + 1, c + 2 of the item (a ring): chunk c + 2 is prefetched while chunk c
+    // computes, so lines issued late in a chunk still have a whole chunk to arrive
+    TokenRef chunks[3][kChunk] = {};
     PrefetchQueue pf;
     const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
                                prefetch_steps();
     uint8_t valid[kChunk];
     const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
-    gather_chunk(it, it.begin, refs);
-    for (int64_t j0 = it.begin; j0 < it.end; j0 += kChunk) {
-      // the next chunk's tokens may lie in other blocks: prefetched while this one computes
-      if (j0 + kChunk < it.end) {
-        gather_chunk(it, j0 + kChunk, next);
-        pf.reset(next, kChunk, token_bytes_, lines_per_step);
-      } else {
-        pf.reset(next, 0, token_bytes_, 0);
+    gather_chunk(it, it.begin, chunks[0]);
+    if (it.begin + kChunk < it.end) gather_chunk(it, it.begin + kChunk, chunks[1]);
+    for (int64_t c = 0, j0 = it.begin; j0 < it.end; ++c, j0 += kChunk) {
+      const TokenRef* refs = chunks[c % 3];
+      TokenRef* far = chunks[(c + 2) % 3];
+      int ahead = 0;  // chunks to prefetch, from `far` on (the first chunk also takes c + 1)
+      if (j0 + 2 * kChunk < it.end) {
+        gather_chunk(it, j0 + 2 * kChunk, far);
+        ahead = 1;
       }
+      if (c == 0 && j0 + kChunk < it.end) {
+        far = chunks[1];
+        ++ahead;
+      }
+      pf.reset(far, ahead * kChunk, token_bytes_, ahead * lines_per_step);
       const int n = int(std::min<int64_t>(kChunk, it.end - j0));
       bool any = false;
       for (int r = 0; r < m; ++r) {
@@ -281,7 +289,6 @@ class Runner {
         }
       }
       pf.drain();
-      std::copy(next, next + kChunk, refs);
     }
     if (it.partial < 0) {
       for (int r = 0; r < m; ++r)
