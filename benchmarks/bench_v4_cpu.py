@@ -17,6 +17,7 @@ bytes = unique tokens read * 584 + Q and O bytes; FLOPs = 2 * h_q * attended * (
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from dataclasses import dataclass
 
@@ -145,11 +146,13 @@ def main(argv=None) -> int:
     isa = torch.ops.vllm_mla.cpu_isa()
     text = "\n".join([
         SECTION, "",
-        f"{machine_description()}; torch {torch.__version__}; {args.threads} threads (both "
+        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC; ")
+        + f"{machine_description()}; torch {torch.__version__}; {args.threads} threads (both "
         f"kernels); our kernels' ISA: {isa}.",
         "Command: `python benchmarks/bench_v4_cpu.py " + " ".join(
             argv if argv is not None else sys.argv[1:]) + "`.",
-        f"Measured in this run: read bandwidth {machine.read_gbs:.1f} GB/s; bf16 matmul "
+        f"Measured in this run: read bandwidth {machine.read_gbs:.1f} GB/s (best of its "
+        f"{machine.flushes} cache flushes); bf16 matmul "
         f"{machine.matmul_tflops:.2f} TFLOPS.  MODEL1_FP8, main cache 256-token pages "
         f"(topk {MAIN_TOPK}), extra cache 64-token pages, attention sink; best of "
         f"{args.repeats}, LLC flushed before each call; outputs checked equal first.  "
