@@ -107,6 +107,23 @@ def test_cuda_spec_builds_one_library_for_cpu_and_cuda(monkeypatch):
     assert "sm80_90a" in spec.target and spec.key() != ""
 
 
+def test_cpu_build_key_ignores_the_cuda_sources(tmp_path, monkeypatch):
+    """Editing kernels/cuda must not rebuild the CPU extension; editing the CPU kernels must."""
+    import shutil
+
+    from vllm_mla_backend import build
+    src = tmp_path / "kernels"
+    shutil.copytree(kernels_dir(), src)
+    monkeypatch.setattr(build, "kernels_dir", lambda: src)
+    cpu_key, cuda_key = build.cpu_spec().key(), build_cuda.cuda_spec().key()
+    unit = src / "cuda" / "decode.cu"
+    unit.write_text(unit.read_text() + "\n// edited\n")
+    assert build.cpu_spec().key() == cpu_key and build_cuda.cuda_spec().key() != cuda_key
+    header = src / "common" / "layout.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert build.cpu_spec().key() != cpu_key
+
+
 def test_check_cuda_without_nvcc_fails_clearly(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(build_cuda, "nvcc_path", lambda: None)
     assert build_cuda.check_cuda("80", tmp_path / "r.txt") == 2

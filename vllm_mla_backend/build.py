@@ -89,7 +89,9 @@ class ExtensionSpec:
         h = hashlib.sha256()
         root = kernels_dir()
         for path in sorted(p for p in root.rglob("*") if p.is_file() and
-                           p.suffix in (".h", ".cuh", ".cpp", ".cu")):
+                           p.suffix in (".h", ".cuh", ".cpp", ".cu") and
+                           (self.with_cuda or "cuda" not in p.relative_to(root).parts)):
+            # The CPU build never sees kernels/cuda: editing CUDA code must not rebuild it.
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
         h.update(" ".join(self.cflags + self.cuda_cflags).encode())
