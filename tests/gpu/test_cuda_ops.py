@@ -35,6 +35,20 @@ def to_cuda(case: DenseCase) -> DenseCase:
                      case.block_table.to(DEV), case.seq_lens.to(DEV), case.softmax_scale)
 
 
+def capture_graph(step):
+    """Warm ``step`` up on a side stream (loads the library outside capture), then capture it
+    in a CUDA graph: (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
 def check_decode(case: DenseCase, causal: bool, v_max: float, q=None, out=None):
     got_out, got_lse = case.run("cuda", causal, out=out, q=q)
     ref = DenseCase(case.layout, case.q if q is None else q, case.cache, case.block_table,
@@ -231,14 +245,7 @@ def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
         return ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout, causal=True,
                               impl="cuda", out=out, workspace=ws)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up (loads the library) outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = step()
+    graph, (_, lse) = capture_graph(step)
     # New inputs in the captured buffers: shorter / empty sequences, new queries.
     seq_lens.copy_(torch.tensor([5, 3000, 2500, 0], dtype=torch.int32))
     q.copy_(torch.randn_like(q))

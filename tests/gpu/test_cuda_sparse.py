@@ -12,7 +12,7 @@ import torch
 
 from cases import (SPARSE_CASES, SparseCase, all_invalid_rows_case, assert_attention_close,
                    assert_lse_close, prefill_case, sparse_case, sparse_case_id, tolerances)
-from test_cuda_ops import DEV, to_cuda_cache
+from test_cuda_ops import DEV, capture_graph, to_cuda_cache
 from vllm_mla_backend import decode_schedule, ops, reference
 from vllm_mla_backend.layouts import KVLayout
 
@@ -145,14 +145,7 @@ def test_sparse_decode_cuda_graph_capture_and_replay(cuda_kernels):
         return ops.mla_sparse_decode(q, case.cache, case.indices, case.layout, impl="cuda",
                                      out=out, workspace=ws, **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = step()
+    graph, (_, lse) = capture_graph(step)
     lengths.copy_(torch.tensor([512, 0, 7, 300], dtype=torch.int32))
     q.copy_(torch.randn_like(q))
     graph.replay()
