@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vllm_mla_backend import ops
+from vllm_mla_backend.layouts import KVLayout
 
-from cases import poisoned_cache
+from cases import dense_case, poisoned_cache
 
 BF16 = torch.bfloat16
 
@@ -221,3 +222,17 @@ def test_skipped_slots_never_validated_against_cache(cpu_kernels):
     """Negative slots are padding (skipped), however negative."""
     args = _write_args()
     ops.write_kv(**{**args, "slot_mapping": torch.tensor([-1, -(2**62), 7]), "impl": "cpu"})
+
+
+def test_prechecked_decode_never_reads_past_a_block_table_row(cpu_kernels):
+    """The backend's trusted path skips the seq_lens check: a sequence longer than its
+    block-table row attends the row's capacity only (its out-of-range garbage ids read as empty),
+    never memory past the row."""
+    case = dense_case(KVLayout.BF16, 16, [48, 20], 16)   # 3 + 2 garbage columns
+    raw = ops.cache_bytes(case.cache, case.layout)
+    too_long = torch.tensor([10**6, 20], dtype=torch.int32)
+    got = ops.mla_decode_prechecked(case.q, raw, case.block_table, too_long, case.layout,
+                                    case.softmax_scale, False, ops.unit_k_scale(case.q.device),
+                                    "cpu")
+    want = case.run("cpu", False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

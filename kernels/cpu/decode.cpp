@@ -1,5 +1,6 @@
 // Dense paged MLA decode: one group per (request, KV head) holding its s_q x (h_q / h_kv) query
 // rows, tokens t < seq_len found through the block table (entries past the sequence unread).
+#include <algorithm>
 #include <limits>
 
 #include "cpu/attention.h"
@@ -19,8 +20,10 @@ class DenseDecodeTask final : public AttentionTask {
         h_q_(q.size(2)), h_kv_(cache.size(2)), group_(q.size(2) / cache.size(2)) {}
 
   int64_t num_groups() const override { return q_.size(0) * h_kv_; }
+  // Clamped to the block table's capacity: ops.py rejects longer sequences, and the kernel must
+  // not read past a block-table row even when a trusted caller skips that check.
   int64_t num_tokens(int64_t g) const override {
-    return std::max<int64_t>(seq_lens_[g / h_kv_], 0);
+    return std::clamp<int64_t>(seq_lens_[g / h_kv_], 0, max_blocks_ * cache_.size(1));
   }
   void gather(int64_t g, int64_t j0, int n, TokenRef* refs) const override {
     const int64_t b = g / h_kv_, bs = cache_.size(1), nb = cache_.size(0);
