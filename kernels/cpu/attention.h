@@ -62,9 +62,4 @@ inline TokenRef cache_slot(const torch::Tensor& cache, Layout layout, int64_t sl
                      int(slot % bs), 0, 1, int(bs));
 }
 
-// k_scale tensor (float32 [1]) -> the FP8 per-tensor multiplier.
-inline float k_scale_value(const torch::Tensor& k_scale, Layout layout) {
-  return layout == Layout::FP8 ? k_scale.to(torch::kFloat32).item<float>() : 1.f;
-}
-
 }  // namespace vllm_mla::cpu

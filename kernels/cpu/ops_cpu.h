@@ -6,7 +6,18 @@
 #include <optional>
 #include <string>
 
+#include "common/layout.h"
+
 namespace vllm_mla::cpu {
+
+// k_scale tensor (float32 [1], CPU) -> the FP8 per-tensor multiplier; 1 for the other layouts.
+// Read through the pointer: `.item()` costs microseconds of dispatch on every decode step.
+inline float k_scale_value(const torch::Tensor& k_scale, Layout layout) {
+  if (layout != Layout::FP8) return 1.f;
+  TORCH_CHECK(k_scale.numel() == 1, "k_scale must have one element");
+  return k_scale.scalar_type() == torch::kFloat32 ? *k_scale.data_ptr<float>()
+                                                  : k_scale.to(torch::kFloat32).item<float>();
+}
 
 // write_kv.cpp
 void write_kv(torch::Tensor& cache, const torch::Tensor& kv_nope, const torch::Tensor& k_rope,

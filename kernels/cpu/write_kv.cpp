@@ -151,7 +151,7 @@ void write_kv(torch::Tensor& cache, const torch::Tensor& kv_nope, const torch::T
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous(),
               "write_kv: slot_mapping must be contiguous int64");
   TORCH_CHECK(kv_nope.dim() == 3 && k_rope.dim() == 3, "write_kv: kv_nope/k_rope must be 3-D");
-  const float ks = k_scale.to(torch::kFloat32).item<float>();
+  const float ks = k_scale_value(k_scale, l);
   switch (kv_nope.scalar_type()) {
     case torch::kBFloat16:
       return write_kv_typed<c10::BFloat16>(cache, kv_nope, k_rope, slot_mapping, l, ks);
@@ -168,7 +168,7 @@ void read_kv(const torch::Tensor& cache, torch::Tensor& out, int64_t layout,
              const torch::Tensor& k_scale) {
   const Layout l = static_cast<Layout>(layout);
   TORCH_CHECK(out.is_contiguous(), "read_kv: out must be contiguous");
-  const float ks = k_scale.to(torch::kFloat32).item<float>();
+  const float ks = k_scale_value(k_scale, l);
   switch (out.scalar_type()) {
     case torch::kBFloat16: return read_kv_typed<c10::BFloat16>(cache, out, l, ks);
     case torch::kHalf: return read_kv_typed<c10::Half>(cache, out, l, ks);
