@@ -17,6 +17,12 @@
 namespace vllm_mla::cuda {
 namespace {
 
+// Candidates of a top-k list with an optional per-entry length: lengths[i] clamped to
+// [0, topk], or all topk slots.
+__device__ __forceinline__ int candidate_count(const int* lengths, int i, int topk) {
+  return lengths ? min(max(lengths[i], 0), topk) : topk;
+}
+
 // One candidate list of sparse decode: indices [requests, topk] into a paged cache, with an
 // optional per-batch-entry length.  topk == 0: no list (no extra cache).
 struct Candidates {
@@ -28,9 +34,7 @@ struct Candidates {
   const int* lengths;    // [b] or nullptr
   int topk;
 
-  __device__ int count(int b) const {
-    return lengths ? min(max(lengths[b], 0), topk) : topk;
-  }
+  __device__ int count(int b) const { return candidate_count(lengths, b, topk); }
   template <Layout L>
   __device__ core::TokenAddr addr(int r, int k) const {
     const int idx = indices[int64_t(r) * topk + k];
@@ -69,9 +73,7 @@ struct SparsePrefillSource {
   int topk, h_q;
   int64_t q_ss, q_sh, o_ss, o_sh;
 
-  __device__ int tokens(int r) const {
-    return lengths ? min(max(lengths[r], 0), topk) : topk;
-  }
+  __device__ int tokens(int r) const { return candidate_count(lengths, r, topk); }
   template <Layout>  // one 16-bit row per token: no layout decoding
   __device__ core::TokenAddr addr(int r, int t, int) const {
     const int idx = indices[int64_t(r) * topk + t];
@@ -90,6 +92,15 @@ void check_index(const torch::Tensor& t, const torch::Tensor& q, const char* nam
               " must be contiguous int32");
 }
 
+// topk_length-style lengths [n] (optional): contiguous int32 on q's device.
+const int* lengths_ptr(const std::optional<torch::Tensor>& lengths, const torch::Tensor& q,
+                       int64_t n, const char* name) {
+  if (!lengths) return nullptr;
+  check_index(*lengths, q, name);
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == n, name, " must have shape [", n, "]");
+  return lengths->data_ptr<int>();
+}
+
 Candidates candidates(const torch::Tensor& cache, const torch::Tensor& indices,
                       const std::optional<torch::Tensor>& lengths, const torch::Tensor& q,
                       int64_t b, int64_t s_q, const char* cache_name, const char* name,
@@ -106,11 +117,7 @@ Candidates candidates(const torch::Tensor& cache, const torch::Tensor& indices,
   c.block_size = int(cache.size(1));
   c.indices = indices.data_ptr<int>();
   c.topk = int(indices.size(2));
-  if (lengths) {
-    check_index(*lengths, q, length_name);
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == b, length_name, " must be [b]");
-    c.lengths = lengths->data_ptr<int>();
-  }
+  c.lengths = lengths_ptr(lengths, q, b, length_name);
   return c;
 }
 
@@ -237,25 +244,19 @@ void sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch
   c.h_kv = 1;
   c.scale_log2 = float(softmax_scale * core::kLog2e);
 
+  SparsePrefillSource s{};
+  s.kv = static_cast<const uint8_t*>(kv.data_ptr());
+  s.kv_stride = kv.stride(0) * kv.element_size();
+  s.s_kv = kv.size(0);
+  s.indices = indices.data_ptr<int>();
+  s.lengths = lengths_ptr(topk_length, q, s_q, "topk_length");
+  s.topk = int(indices.size(2));
+  s.h_q = int(h_q);
+  s.q_ss = q.stride(0); s.q_sh = q.stride(1);
+  s.o_ss = out.stride(0); s.o_sh = out.stride(1);
   auto run = [&](auto tag, auto dqk) {
-    constexpr Layout L = decltype(tag)::value;
-    SparsePrefillSource s{};
-    s.kv = static_cast<const uint8_t*>(kv.data_ptr());
-    s.kv_stride = kv.stride(0) * kv.element_size();
-    s.s_kv = kv.size(0);
-    s.indices = indices.data_ptr<int>();
-    if (topk_length) {
-      check_index(*topk_length, q, "topk_length");
-      TORCH_CHECK(topk_length->dim() == 1 && topk_length->size(0) == s_q,
-                  "topk_length must be [s_q]");
-      s.lengths = topk_length->data_ptr<int>();
-    }
-    s.topk = int(indices.size(2));
-    s.h_q = int(h_q);
-    s.q_ss = q.stride(0); s.q_sh = q.stride(1);
-    s.o_ss = out.stride(0); s.o_sh = out.stride(1);
-    core::run_attention<core::Traits<L, decltype(dqk)::value>, /*kScheduled=*/false>(
-        c, s, q, std::nullopt, "sparse_prefill");
+    core::run_attention<core::Traits<decltype(tag)::value, decltype(dqk)::value>,
+                        /*kScheduled=*/false>(c, s, q, std::nullopt, "sparse_prefill");
   };
   using D576 = std::integral_constant<int, 576>;
   using D512 = std::integral_constant<int, 512>;
