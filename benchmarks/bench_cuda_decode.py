@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import (DEV, cuda_time, filled_cache, parser, start_run,  # noqa: E402
-                         write_json)
+from cuda_timing import (DEV, cuda_time, filled_cache, finish_run, parser,  # noqa: E402
+                         start_run)
 from vllm_mla_backend import ops  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout, as_layout  # noqa: E402
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     peer = flashinfer_peer()
     contexts = [int(x) for x in args.contexts.split(",")]
     b = args.batch
-    rows, records, skipped = [], [], 0
+    rows, skipped = [], 0
     for name in args.layouts.split(","):
         layout = as_layout(name)
         cache = filled_cache(layout, b * max(contexts), BLOCK, gen)
@@ -115,15 +115,12 @@ def main(argv=None) -> int:
                                copy_frac=nbytes / sec / 1e9 / copy_gbs,
                                mm_frac=flops / sec / 1e12 / mm_tflops,
                                flashinfer_us=None if fi is None else fi * 1e6)
-                    records.append(rec)
                     rows.append(rec)
                     print(json.dumps(rec), flush=True)
         del cache
         torch.cuda.empty_cache()
-    write_json(args.json, copy_gbs, mm_tflops, records)
-    print(f"\ndevice {torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, bf16 matmul "
-          f"{mm_tflops:.0f} TFLOPS (measured); benchmark took {time.perf_counter() - t0:.0f} s"
-          + (f"; {skipped} shapes skipped (budget)" if skipped else ""))
+    finish_run(args.json, copy_gbs, mm_tflops, rows, "dense benchmark",
+               time.perf_counter() - t0, skipped)
     print(f"{'layout':<11} {'b':>4} {'h_q':>4} {'s_q':>3} {'ctx':>6} {'us':>9} {'GB/s':>7} "
           f"{'%copy':>6} {'TFLOPS':>7} {'%mm':>5} {'FI us':>9}")
     for r in rows:

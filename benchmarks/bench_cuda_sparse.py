@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_timing import DEV, cuda_time, filled_cache, parser, start_run, write_json  # noqa: E402
+from cuda_timing import DEV, cuda_time, filled_cache, finish_run, parser, start_run  # noqa: E402
 from vllm_mla_backend import ops  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout  # noqa: E402
 
@@ -109,10 +109,8 @@ def main(argv=None) -> int:
         rows.append(rec)
         print(json.dumps(rec), flush=True)
         torch.cuda.empty_cache()
-    write_json(args.json, copy_gbs, mm_tflops, rows)
-    print(f"\ndevice {torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, bf16 matmul "
-          f"{mm_tflops:.0f} TFLOPS (measured); sparse benchmark took "
-          f"{time.perf_counter() - t0:.0f} s" + (f"; {skipped} shapes skipped" if skipped else ""))
+    finish_run(args.json, copy_gbs, mm_tflops, rows, "sparse benchmark",
+               time.perf_counter() - t0, skipped)
     print(f"{'op':<8} {'layout':<11} {'b':>4} {'s_q':>4} {'h_q':>4} {'topk':>9} {'us':>9} "
           f"{'TFLOPS':>7} {'%mm':>5} {'GB/s':>7} {'%copy':>6}")
     for r in rows:

@@ -68,7 +68,8 @@ def parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--budget-s", type=float, default=budget_s,
-                    help="stop starting new shapes after this many seconds (the table still prints)")
+                    help="stop starting new shapes after this many seconds (the table still "
+                         "prints)")
     return ap
 
 
@@ -82,8 +83,14 @@ def start_run() -> tuple[torch.Generator, float, float] | None:
     return gen, *machine_peaks()
 
 
-def write_json(path: Path | None, copy_gbs: float, mm_tflops: float, records: list) -> None:
+def finish_run(path: Path | None, copy_gbs: float, mm_tflops: float, records: list,
+               name: str, seconds: float, skipped: int) -> None:
+    """Write the run's JSON (when asked) and print the ``device ...`` line that opens the table
+    (scripts/gpu_check.sh prints from it on)."""
     if path:
         path.write_text(json.dumps(dict(copy_gbs=copy_gbs, matmul_tflops=mm_tflops,
                                         device=torch.cuda.get_device_name(), records=records),
                                    indent=1))
+    print(f"\ndevice {torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, bf16 matmul "
+          f"{mm_tflops:.0f} TFLOPS (measured); {name} took {seconds:.0f} s"
+          + (f"; {skipped} shapes skipped (budget)" if skipped else ""))
