@@ -335,10 +335,10 @@ def mla_decode_prechecked(q, raw, block_table, seq_lens, layout: KVLayout, softm
     normalizes to.
 
     q ``[b, s_q, h_q, d_qk]`` with a contiguous last dimension; raw ``cache_bytes(cache,
-    layout)``; block_table / seq_lens contiguous int32 whose entries address only the cache
-    (block ids past it read as empty, but a sequence longer than its block-table row is not
-    caught); softmax_scale a float; k_scale a float32 one-element tensor on q's device; impl
-    resolved (not None); out None or ``[b, s_q, h_q, 512]`` of q's dtype.
+    layout)``; block_table / seq_lens contiguous int32 (the kernels read block ids outside the
+    cache as empty and clamp a sequence to its block-table row, but nothing says so);
+    softmax_scale a float; k_scale a float32 one-element tensor on q's device; impl resolved
+    (not None); out None or ``[b, s_q, h_q, 512]`` of q's dtype.
     """
     b, s_q, h_q, _ = q.shape
     if out is None:
