@@ -21,6 +21,8 @@ VARLEN = (0, 1, 37, 300, 129, 2)
 LAYOUT_CASES = [
     (L.BF16, 16, 16, 1, 1, False, 0), (L.BF16, 53, 64, 8, 2, True, 64),
     (L.BF16, 1, 3, 1, 4, True, 0),
+    # one head block over blocks of >= 64 tokens: K and V read in place (AMX streaming path)
+    (L.BF16, 128, 16, 1, 1, False, 0), (L.BF16, 64, 4, 1, 3, True, 0),
     (L.FP16, 2, 16, 2, 3, True, 0), (L.FP16, 69, 128, 1, 1, False, 0),
     (L.FP8, 64, 16, 1, 1, False, 0), (L.FP8, 16, 128, 8, 2, True, 32),
     (L.V32_FP8, 64, 64, 1, 1, False, 0), (L.V32_FP8, 576, 16, 1, 2, True, 656),

@@ -34,7 +34,9 @@ struct MicroKernels {
   // packed, straight from the cache, and the scores read K rows in place (k_stride elements).
   void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp, PrefetchQueue* pf);
   // One chunk in bf16: s = Q.K^T (K rows k_stride elements apart), the online softmax (as
-  // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch.
+  // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch. With
+  // `pv_from_k_rows`, vp may be nullptr: V is then packed from the K rows a 32-column block at a
+  // time into a buffer that stays in L1 (no chunk-sized copy; worth it for one head block).
   void (*attend_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
                       const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
                       const uint16_t* vp, float* s, uint16_t* p16, PrefetchQueue* pf);
@@ -43,6 +45,8 @@ struct MicroKernels {
   // bf16 into p16 when given). Entry (r, j) counts iff valid[j] and j < row_len[r].
   void (*softmax)(float* s, int m, int n, const uint8_t* valid, const int* row_len, float scale2,
                   SoftmaxState st, uint16_t* p16);
+
+  bool pv_from_k_rows = false;
 };
 
 const MicroKernels& micro_kernels(Isa isa);

@@ -181,6 +181,43 @@ static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc, Prefetch
   }
 }
 
+// The same with V packed from the chunk's K rows (k_stride elements apart; V is their first kDV
+// columns), a 32-column block at a time into a 4 KiB buffer that stays in L1, instead of a
+// chunk-sized vp. Columns run from the top down: the scores touched those K lines last.
+static void pv_block_from_rows(const uint16_t* p, const uint16_t* k, int64_t k_stride,
+                               float* acc) {
+  constexpr int64_t kAccStride = int64_t(kDV) * 4;
+  // B tiles of one column block: [token pairs 0-15, 16-31][columns c.., c + 16..][pair][2 x 16]
+  alignas(64) uint16_t b[2][2][kTile][2 * kTile];
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                          32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  _tile_loadd(4, p, 64);
+  _tile_loadd(5, p + 2 * kTile * kTile, 64);
+  for (int c = kDV - 2 * kTile; c >= 0; c -= 2 * kTile) {
+    for (int j = 0; j < kTokens; j += 2) {
+      const __m512i va = _mm512_loadu_si512(k + int64_t(j) * k_stride + c);
+      const __m512i vb = _mm512_loadu_si512(k + int64_t(j + 1) * k_stride + c);
+      uint16_t(*half)[kTile][2 * kTile] = b[j / (2 * kTile)];
+      _mm512_store_si512(half[0][(j / 2) % kTile], _mm512_permutex2var_epi16(va, lo_idx, vb));
+      _mm512_store_si512(half[1][(j / 2) % kTile], _mm512_permutex2var_epi16(va, hi_idx, vb));
+    }
+    _tile_loadd(0, acc + c, kAccStride);
+    _tile_loadd(1, acc + c + kTile, kAccStride);
+    _tile_loadd(6, b[0][0], 64);
+    _tile_loadd(7, b[0][1], 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, b[1][0], 64);
+    _tile_loadd(7, b[1][1], 64);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_dpbf16ps(1, 5, 7);
+    _tile_stored(0, acc + c, kAccStride);
+    _tile_stored(1, acc + c + kTile, kAccStride);
+  }
+}
+
 // One chunk of n = 64 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
 // acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
 static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
@@ -195,7 +232,11 @@ static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_strid
     scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t, pf);
     softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
               st.acc + int64_t(b0) * kDV, p[0][0]);
-    pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
+    if (vp) {
+      pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
+    } else {
+      pv_block_from_rows(p[0][0], k, k_stride, st.acc + int64_t(b0) * kDV);
+    }
   }
 }
 
@@ -208,7 +249,7 @@ const MicroKernels& micro_kernels_amx() {
   const MicroKernels& base = micro_kernels_avx512();
   static const MicroKernels k{base.load_f32,   base.scores_f32,   base.pv_f32,
                               amx::pack_q,     avx512::load_bf16, avx512::pack_v_bf16,
-                              amx::attend,     avx512::softmax};
+                              amx::attend,     avx512::softmax,   /*pv_from_k_rows=*/true};
   return k;
 }
 
