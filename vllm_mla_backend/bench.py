@@ -1,17 +1,21 @@
 """Tiny-model decode throughput and engine start time: our backend vs vLLM's own, same machine.
 
-    vllm-mla bench [--batch-sizes 1 8] [--rounds 5] [--tokens 128] [--dtype bfloat16] [--cpu N]
+    vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--dtype bfloat16] [--cpu N]
     (or: python benchmarks/decode_throughput.py, the same options)
 
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
 for vLLM's: AMX_MLA on AMX CPUs, CPU_MLA otherwise), both bound to the same core (``--cpu``).
 Engines start one after the other; then measurements alternate between them (each round
 measures both, the order swapping every round) so that load from other processes on a shared
-machine hits both alike.  Reported: the best round per backend, and the median over rounds of
-the paired ratio ours / vLLM's (each round's two measurements ran back to back, so a load burst
-that spans a round cancels out).  Start time is the ``LLM(...)`` constructor; the first engine may
-pay for filling vLLM's torch.compile cache, so the first start is repeated after the cache is
-warm (``--start-once`` skips that when the caches are known warm).
+machine hits both alike.  The rounds run in two sessions that start the engines in opposite
+orders: in an A/A run (our backend in both engines, one session) the engine started first
+measured 5-10% slower at batch 8 in every round (cause not found; restarting it mid-run did
+not remove the gap), so each backend is started first for half the rounds.  Reported: the
+best round per backend, and the median over rounds of the paired ratio ours / vLLM's (each
+round's two measurements ran back to back, so a load burst that spans a round cancels out).
+Start time is the ``LLM(...)`` constructor; the first engine may pay for filling vLLM's
+torch.compile cache, so the first start is repeated after the cache is warm
+(``--start-once`` skips that when the caches are known warm).
 
 Decode tokens/s at batch B: B prompts of 32 random tokens, greedy, ``ignore_eos``; the time to
 generate 1 token (prefill + first step) is subtracted from the time to generate ``--tokens``,
@@ -110,7 +114,7 @@ class Settings:
     dtype: str = "bfloat16"
     batches: tuple[int, ...] = (1, 8)
     tokens: int = 128
-    rounds: int = 5
+    rounds: int = 6
     cpu: int = 0
     start_once: bool = False
 
@@ -120,14 +124,20 @@ class Result:
     settings: Settings
     starts: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in BACKENDS})
     speeds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    session_of_round: list[int] = field(default_factory=list)
 
     def best(self, name: str, batch: int) -> float:
         return max(self.speeds[name, batch])
 
     def paired_ratio(self, batch: int) -> float:
-        """Median over rounds of ours / vLLM's tok/s."""
-        return statistics.median(o / v for o, v in zip(self.speeds["ours", batch],
-                                                        self.speeds["vllm", batch]))
+        """Per session, the median over its rounds of ours / vLLM's tok/s; then the geometric
+        mean over the sessions (a start-order bias that multiplies one session's ratios and
+        divides the other's cancels)."""
+        ratios: dict[int, list[float]] = {}
+        for session, o, v in zip(self.session_of_round, self.speeds["ours", batch],
+                                 self.speeds["vllm", batch]):
+            ratios.setdefault(session, []).append(o / v)
+        return statistics.geometric_mean(statistics.median(r) for r in ratios.values())
 
     def start(self, name: str) -> float:
         """The warm start (the last one of this backend)."""
@@ -135,33 +145,49 @@ class Result:
 
 
 def run(settings: Settings, log=sys.stderr) -> Result:
-    """Start both engines, alternate the measurements, stop the engines."""
+    """Two sessions with the engines started in opposite orders; in each, start both engines,
+    alternate the measurements, stop the engines."""
     s = settings
     result = Result(s)
-    engines = []
+    result.speeds = {(name, b): [] for name in BACKENDS for b in s.batches}
+    engines: list[Engine] = []
+
+    def start(name: str) -> Engine:
+        engine = Engine(name, s.model, s.dtype, s.cpu, s.batches)
+        engines.append(engine)
+        result.starts[name].append(engine.wait_started())
+        print(f"{name}: engine started in {result.start(name):.1f} s", file=log, flush=True)
+        return engine
+
+    def stop_all() -> None:
+        while engines:
+            engines.pop().stop()
+
+    order = list(BACKENDS)
+    sessions = [(order, (s.rounds + 1) // 2), (order[::-1], s.rounds // 2)]
     try:
         if not s.start_once:
             # The first start may compile (vLLM's compile cache); restart once the cache is warm.
-            first = Engine("ours", s.model, s.dtype, s.cpu, s.batches)
-            engines.append(first)
-            result.starts["ours"].append(first.wait_started())
-            first.stop()
-            engines.remove(first)
-        for name in BACKENDS:
-            engine = Engine(name, s.model, s.dtype, s.cpu, s.batches)
-            engines.append(engine)
-            result.starts[name].append(engine.wait_started())
-            print(f"{name}: engine started in {result.start(name):.1f} s", file=log, flush=True)
-        result.speeds = {(e.name, b): [] for e in engines for b in s.batches}
-        for r in range(s.rounds):
-            for batch in s.batches:
-                for engine in (engines if r % 2 == 0 else engines[::-1]):
-                    result.speeds[engine.name, batch].append(engine.decode_tok_s(batch, s.tokens))
-            print(f"round {r}: " + ", ".join(f"{n} b{b} {v[-1]:.1f}" for (n, b), v in
-                                              result.speeds.items()), file=log, flush=True)
+            start("ours")
+            stop_all()
+        r = 0
+        for index, (names, rounds) in enumerate(sessions):
+            if rounds == 0:
+                continue
+            session = [start(name) for name in names]
+            for _ in range(rounds):
+                for batch in s.batches:
+                    for engine in (session if r % 2 == 0 else session[::-1]):
+                        result.speeds[engine.name, batch].append(
+                            engine.decode_tok_s(batch, s.tokens))
+                result.session_of_round.append(index)
+                print(f"round {r} ({names[0]} started first): " + ", ".join(
+                    f"{n} b{b} {v[-1]:.1f}" for (n, b), v in result.speeds.items()),
+                    file=log, flush=True)
+                r += 1
+            stop_all()
     finally:
-        for engine in engines:
-            engine.stop()
+        stop_all()
     return result
 
 
@@ -180,8 +206,8 @@ def format_table(result: Result) -> str:
                        for b in s.batches)
     paired = ", ".join(f"batch {b} {result.paired_ratio(b):.2f}x" for b in s.batches)
     starts = {n: [round(t, 1) for t in v] for n, v in result.starts.items()}
-    lines.append(f"\nours / vLLM's: {ratios} (best rounds); {paired} (median of per-round "
-                 f"ratios); start {result.start('ours') / result.start('vllm'):.2f}x "
+    lines.append(f"\nours / vLLM's: {ratios} (best rounds); {paired} (per start order the median "
+                 f"of per-round ratios, geometric mean of the two); start {result.start('ours') / result.start('vllm'):.2f}x "
                  f"(all starts: {starts})")
     return "\n".join(lines)
 
@@ -194,8 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes (default: 1 8)")
     parser.add_argument("--tokens", type=int, default=128,
                         help="tokens generated per request and measurement (default: 128)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved measurement rounds; the best counts (default: 5)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="interleaved measurement rounds, half of them with the start "
+                             "order swapped (default: 6)")
     parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
                         help="the core both engines' workers are bound to")
     parser.add_argument("--start-once", action="store_true",
