@@ -53,14 +53,16 @@ void query_f32(c10::ScalarType t, const void* src, int d, float* dst) {
 }
 
 template <typename T>
-void store_row(const float* x, float mult, void* dst) {
+void store_row(const float* x, bool bf16_order, float mult, void* dst) {
   T* o = static_cast<T*>(dst);
-  for (int i = 0; i < kDV; ++i) o[i] = static_cast<T>(x[i] * mult);
+  for (int i = 0; i < kDV; ++i)
+    o[i] = static_cast<T>(x[bf16_order ? bf16_acc_slot(i) : i] * mult);
 }
 
-// Final output of one row from its unnormalized state (max in the log2 domain).
-void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, float max2,
-                  float sum) {
+// Final output of one row from its unnormalized state (max in the log2 domain; acc in the
+// bf16 kernels' column order when they computed it).
+void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, bool bf16_order,
+                  float max2, float sum) {
   const bool empty = !(sum > 0.f) || max2 == -kInf;
   float mult = 0.f;
   if (empty) {
@@ -74,9 +76,9 @@ void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, f
     if (io.has_sink) mult *= 1.f / (1.f + std::exp(io.sink - lse));  // +inf sink: 0
   }
   switch (p.q_dtype) {
-    case c10::ScalarType::BFloat16: return store_row<c10::BFloat16>(acc, mult, io.out);
-    case c10::ScalarType::Half: return store_row<c10::Half>(acc, mult, io.out);
-    default: return store_row<float>(acc, mult, io.out);
+    case c10::ScalarType::BFloat16: return store_row<c10::BFloat16>(acc, bf16_order, mult, io.out);
+    case c10::ScalarType::Half: return store_row<c10::Half>(acc, bf16_order, mult, io.out);
+    default: return store_row<float>(acc, bf16_order, mult, io.out);
   }
 }
 
@@ -259,8 +261,8 @@ class Runner {
         far = chunks[1];
         ++ahead;
       }
-      // A BF16 chunk read in place by one block of heads: P.V packs V from the K rows itself
-      // (no chunk-sized copy), and the hardware prefetcher streams the contiguous block better
+      // A BF16 chunk read in place by one block of heads: P.V reads V from the K rows as they
+      // are (no chunk-sized copy), and the hardware prefetcher streams the contiguous block better
       // than software prefetches, which hold the line-fill buffers the tile loads need (10-15%
       // faster at 16 heads). With more heads, or records decoded into a copy (V packed while
       // the rows are in L1), the copy and the software prefetch win.
@@ -300,7 +302,8 @@ class Runner {
     }
     if (it.partial < 0) {
       for (int r = 0; r < m; ++r)
-        finalize_row(p_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, sc.max2[r], sc.sum[r]);
+        finalize_row(p_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, bf16_, sc.max2[r],
+                     sc.sum[r]);
       return;
     }
     std::memcpy(part_acc_.data() + size_t(it.partial) * kDV, sc.acc.data(),
@@ -327,7 +330,7 @@ class Runner {
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
         }
       }
-      finalize_row(p_, task_.row(group, r), acc, mx, sum);
+      finalize_row(p_, task_.row(group, r), acc, bf16_, mx, sum);
     }
   }
 

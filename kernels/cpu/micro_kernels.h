@@ -16,6 +16,14 @@ struct SoftmaxState {
   float* acc;   // [M][kDV] unnormalized output, rescaled here when the max moves
 };
 
+// The bf16 kernels keep each accumulator row with every 32-column block as its 16 even
+// columns, then its 16 odd ones: the order in which AMX multiplies P by raw K rows (a bf16
+// row read as 16 pairs). The float32 kernels keep the natural order.
+inline int bf16_acc_slot(int column) {
+  const int in_block = column & 31;
+  return (column & ~31) + (in_block & 1) * 16 + in_block / 2;
+}
+
 struct MicroKernels {
   // float32 compute: K rows decoded to float (FP8: unscaled e4m3, the per-tensor scale is
   // folded into the logits and the output); invalid tokens become zero rows.
@@ -35,8 +43,8 @@ struct MicroKernels {
   void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp, PrefetchQueue* pf);
   // One chunk in bf16: s = Q.K^T (K rows k_stride elements apart), the online softmax (as
   // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch. With
-  // `pv_from_k_rows`, vp may be nullptr: V is then packed from the K rows a 32-column block at a
-  // time into a buffer that stays in L1 (no chunk-sized copy; worth it for one head block).
+  // `pv_from_k_rows`, vp may be nullptr: P.V then reads V from the K rows as they are (no
+  // chunk-sized repacking; worth it for one block of heads).
   void (*attend_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
                       const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
                       const uint16_t* vp, float* s, uint16_t* p16, PrefetchQueue* pf);

@@ -1,7 +1,8 @@
 // Micro-kernels for AMX-BF16 CPUs: both GEMMs of a chunk on tiles. Scores come out transposed
 // (S^T = K . Q^T, K rows straight from the chunk, Q^T prepacked once per work item in VNNI
 // pairs), so the softmax runs with one vector per token and a lane per head; P.V multiplies
-// P [16 heads x 32 tokens] by V in token pairs. The chunk loader is the AVX-512 one.
+// P [16 heads x 32 tokens] by V in token pairs, or (one block of heads, K read in place) P
+// spread over even / odd elements by the raw K rows. The chunk loader is the AVX-512 one.
 #include <immintrin.h>
 
 #include "cpu/micro_kernels.h"
@@ -181,40 +182,50 @@ static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc, Prefetch
   }
 }
 
-// The same with V packed from the chunk's K rows (k_stride elements apart; V is their first kDV
-// columns), a 32-column block at a time into a 4 KiB buffer that stays in L1, instead of a
-// chunk-sized vp. Columns run from the top down: the scores touched those K lines last.
-static void pv_block_from_rows(const uint16_t* p, const uint16_t* k, int64_t k_stride,
-                               float* acc) {
-  constexpr int64_t kAccStride = int64_t(kDV) * 4;
-  // B tiles of one column block: [token pairs 0-15, 16-31][columns c.., c + 16..][pair][2 x 16]
-  alignas(64) uint16_t b[2][2][kTile][2 * kTile];
-  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                          32, 0);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-  _tile_loadd(4, p, 64);
-  _tile_loadd(5, p + 2 * kTile * kTile, 64);
-  for (int c = kDV - 2 * kTile; c >= 0; c -= 2 * kTile) {
-    for (int j = 0; j < kTokens; j += 2) {
-      const __m512i va = _mm512_loadu_si512(k + int64_t(j) * k_stride + c);
-      const __m512i vb = _mm512_loadu_si512(k + int64_t(j + 1) * k_stride + c);
-      uint16_t(*half)[kTile][2 * kTile] = b[j / (2 * kTile)];
-      _mm512_store_si512(half[0][(j / 2) % kTile], _mm512_permutex2var_epi16(va, lo_idx, vb));
-      _mm512_store_si512(half[1][(j / 2) % kTile], _mm512_permutex2var_epi16(va, hi_idx, vb));
+// P as the A operand of P.V on raw K rows: a bf16 K row read as a B tile row is 16 pairs
+// (columns 2i, 2i + 1) of one token, so A carries each token's probability twice, once in the
+// even element (times the even columns) and once in the odd (times the odd columns) of two
+// tiles: a[t][0][h][k] = (P[h][16t + k], 0), a[t][1][h][k] = (0, P[h][16t + k]).
+static void p_row_tiles(const uint16_t* p, uint32_t (*a)[2][kTile][kTile]) {
+  for (int t = 0; t < kTokens / kTile; ++t) {
+    const uint16_t* src = p + (t / 2) * kTile * 2 * kTile + (t % 2) * kTile;  // p[t/2][h][..]
+    for (int h = 0; h < kTile; ++h) {
+      const __m512i even = _mm512_cvtepu16_epi32(
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(src + h * 2 * kTile)));
+      _mm512_store_si512(a[t][0][h], even);
+      _mm512_store_si512(a[t][1][h], _mm512_slli_epi32(even, 16));
     }
+  }
+}
+
+// acc[h][:] += P[h][:] . V with V the first kDV columns of the chunk's K rows (k_stride
+// elements apart), read as they are: per 16-token tile and 32-column block, one B tile of raw
+// rows times the two A tiles of p_row_tiles gives the block's even and odd columns (the bf16
+// accumulator order). Two column blocks at a time: four independent accumulators.
+static void pv_block_rows(const uint32_t (*a)[2][kTile][kTile], const uint16_t* k,
+                          int64_t k_stride, float* acc) {
+  constexpr int64_t kAccStride = int64_t(kDV) * 4;
+  const int64_t kstride = k_stride * 2;  // bytes
+  for (int c = 0; c < kDV; c += 4 * kTile) {
     _tile_loadd(0, acc + c, kAccStride);
     _tile_loadd(1, acc + c + kTile, kAccStride);
-    _tile_loadd(6, b[0][0], 64);
-    _tile_loadd(7, b[0][1], 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(6, b[1][0], 64);
-    _tile_loadd(7, b[1][1], 64);
-    _tile_dpbf16ps(0, 5, 6);
-    _tile_dpbf16ps(1, 5, 7);
+    _tile_loadd(2, acc + c + 2 * kTile, kAccStride);
+    _tile_loadd(3, acc + c + 3 * kTile, kAccStride);
+    for (int t = 0; t < kTokens / kTile; ++t) {
+      const uint16_t* rows = k + int64_t(t) * kTile * k_stride + c;
+      _tile_loadd(4, rows, kstride);
+      _tile_loadd(5, rows + 2 * kTile, kstride);
+      _tile_loadd(6, a[t][0], 64);
+      _tile_loadd(7, a[t][1], 64);
+      _tile_dpbf16ps(0, 6, 4);
+      _tile_dpbf16ps(1, 7, 4);
+      _tile_dpbf16ps(2, 6, 5);
+      _tile_dpbf16ps(3, 7, 5);
+    }
     _tile_stored(0, acc + c, kAccStride);
     _tile_stored(1, acc + c + kTile, kAccStride);
+    _tile_stored(2, acc + c + 2 * kTile, kAccStride);
+    _tile_stored(3, acc + c + 3 * kTile, kAccStride);
   }
 }
 
@@ -235,7 +246,9 @@ static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_strid
     if (vp) {
       pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
     } else {
-      pv_block_from_rows(p[0][0], k, k_stride, st.acc + int64_t(b0) * kDV);
+      alignas(64) uint32_t a[kTokens / kTile][2][kTile][kTile];
+      p_row_tiles(p[0][0], a);
+      pv_block_rows(a, k, k_stride, st.acc + int64_t(b0) * kDV);
     }
   }
 }

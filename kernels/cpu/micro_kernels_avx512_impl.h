@@ -125,16 +125,19 @@ static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
   }
 }
 
-// out[i][2] = (a[i], b[i]) for i < kDV: one token pair of V in VNNI order.
+// One token pair of V in VNNI order, columns in the bf16 kernels' accumulator order (see
+// micro_kernels.h): per 32-column block, out holds (a[i], b[i]) for its even columns i, then
+// for its odd ones.
 static inline void pack_v_pair(const uint16_t* a, const uint16_t* b, uint16_t* out) {
-  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                          32, 0);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  // element 2j <- a[2j + odd] (index 2j + odd), element 2j + 1 <- b[2j + odd] (32 + 2j + odd)
+  const __m512i even_idx = _mm512_set_epi16(62, 30, 60, 28, 58, 26, 56, 24, 54, 22, 52, 20, 50,
+                                            18, 48, 16, 46, 14, 44, 12, 42, 10, 40, 8, 38, 6, 36,
+                                            4, 34, 2, 32, 0);
+  const __m512i odd_idx = _mm512_add_epi16(even_idx, _mm512_set1_epi16(1));
   for (int i = 0; i < kDV; i += 32) {
     const __m512i va = _mm512_loadu_si512(a + i), vb = _mm512_loadu_si512(b + i);
-    _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(va, lo_idx, vb));
-    _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+    _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(va, even_idx, vb));
+    _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(va, odd_idx, vb));
   }
 }
 
