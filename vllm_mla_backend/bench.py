@@ -206,8 +206,9 @@ def format_table(result: Result) -> str:
                        for b in s.batches)
     paired = ", ".join(f"batch {b} {result.paired_ratio(b):.2f}x" for b in s.batches)
     starts = {n: [round(t, 1) for t in v] for n, v in result.starts.items()}
+    start_ratio = result.start("ours") / result.start("vllm")
     lines.append(f"\nours / vLLM's: {ratios} (best rounds); {paired} (per start order the median "
-                 f"of per-round ratios, geometric mean of the two); start {result.start('ours') / result.start('vllm'):.2f}x "
+                 f"of per-round ratios, geometric mean of the two); start {start_ratio:.2f}x "
                  f"(all starts: {starts})")
     return "\n".join(lines)
 

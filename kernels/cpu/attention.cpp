@@ -76,7 +76,8 @@ void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, b
     if (io.has_sink) mult *= 1.f / (1.f + std::exp(io.sink - lse));  // +inf sink: 0
   }
   switch (p.q_dtype) {
-    case c10::ScalarType::BFloat16: return store_row<c10::BFloat16>(acc, bf16_order, mult, io.out);
+    case c10::ScalarType::BFloat16:
+      return store_row<c10::BFloat16>(acc, bf16_order, mult, io.out);
     case c10::ScalarType::Half: return store_row<c10::Half>(acc, bf16_order, mult, io.out);
     default: return store_row<float>(acc, bf16_order, mult, io.out);
   }
