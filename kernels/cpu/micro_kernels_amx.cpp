@@ -35,19 +35,6 @@ static inline void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// packed[block][i / 2][h][2] = q[block * 16 + h][i] (rows past m are zero).
-static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
-  for (int b0 = 0; b0 < m; b0 += kTile) {
-    uint16_t* blk = packed + int64_t(b0) * d;
-    for (int i = 0; i < d; i += 2)
-      for (int h = 0; h < kTile; ++h) {
-        const bool live = b0 + h < m;
-        blk[(i / 2) * 2 * kTile + 2 * h] = live ? q[int64_t(b0 + h) * d + i] : 0;
-        blk[(i / 2) * 2 * kTile + 2 * h + 1] = live ? q[int64_t(b0 + h) * d + i + 1] : 0;
-      }
-  }
-}
-
 constexpr int kTokens = 4 * kTile;  // a chunk: four token tiles
 
 // S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
@@ -100,6 +87,24 @@ static inline void transpose16x16(__m512i r[16]) {
     t[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// packed[block][i / 2][h][2] = q[block * 16 + h][i] (rows past m are zero): per block of 16
+// rows, the rows as 32-bit pairs transposed 16 x 16 at a time.
+static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
+  for (int b0 = 0; b0 < m; b0 += kTile) {
+    const int rows = m - b0 < kTile ? m - b0 : kTile;
+    const uint16_t* src = q + int64_t(b0) * d;
+    uint16_t* blk = packed + int64_t(b0) * d;
+    for (int i = 0; i < d; i += 2 * kTile) {  // 16 pairs of every row
+      __m512i r[kTile];
+      for (int h = 0; h < kTile; ++h)
+        r[h] = h < rows ? _mm512_loadu_si512(src + int64_t(h) * d + i) : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int p = 0; p < kTile; ++p)
+        _mm512_storeu_si512(blk + int64_t(i / 2 + p) * 2 * kTile, r[p]);
+    }
+  }
 }
 
 // Online softmax of one head block on S^T, one vector per token (a lane per head: no horizontal
