@@ -61,8 +61,8 @@ void store_row(const float* x, bool bf16_order, float mult, void* dst) {
 
 // Final output of one row from its unnormalized state (max in the log2 domain; acc in the
 // bf16 kernels' column order when they computed it).
-void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, bool bf16_order,
-                  float max2, float sum) {
+void finalize_row(const AttentionParams& p, const MicroKernels& mk, const RowIO& io,
+                  const float* acc, bool bf16_order, float max2, float sum) {
   const bool empty = !(sum > 0.f) || max2 == -kInf;
   float mult = 0.f;
   if (empty) {
@@ -74,6 +74,12 @@ void finalize_row(const AttentionParams& p, const RowIO& io, const float* acc, b
     if (io.max_logit) *io.max_logit = max2 * kLn2;
     mult = (p.layout == Layout::FP8 ? p.k_scale : 1.f) / sum;
     if (io.has_sink) mult *= 1.f / (1.f + std::exp(io.sink - lse));  // +inf sink: 0
+  }
+  if (mk.store_out) {
+    const OutDtype dtype = p.q_dtype == c10::ScalarType::BFloat16 ? OutDtype::kBf16
+                           : p.q_dtype == c10::ScalarType::Half   ? OutDtype::kFp16
+                                                                  : OutDtype::kFp32;
+    return mk.store_out(acc, bf16_order, mult, dtype, io.out);
   }
   switch (p.q_dtype) {
     case c10::ScalarType::BFloat16:
@@ -303,7 +309,7 @@ class Runner {
     }
     if (it.partial < 0) {
       for (int r = 0; r < m; ++r)
-        finalize_row(p_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, bf16_, sc.max2[r],
+        finalize_row(p_, mk_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, bf16_, sc.max2[r],
                      sc.sum[r]);
       return;
     }
@@ -331,7 +337,7 @@ class Runner {
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
         }
       }
-      finalize_row(p_, task_.row(group, r), acc, bf16_, mx, sum);
+      finalize_row(p_, mk_, task_.row(group, r), acc, bf16_, mx, sum);
     }
   }
 

@@ -24,6 +24,8 @@ inline int bf16_acc_slot(int column) {
   return (column & ~31) + (in_block & 1) * 16 + in_block / 2;
 }
 
+enum class OutDtype { kBf16, kFp16, kFp32 };
+
 struct MicroKernels {
   // float32 compute: K rows decoded to float (FP8: unscaled e4m3, the per-tensor scale is
   // folded into the logits and the output); invalid tokens become zero rows.
@@ -53,6 +55,11 @@ struct MicroKernels {
   // bf16 into p16 when given). Entry (r, j) counts iff valid[j] and j < row_len[r].
   void (*softmax)(float* s, int m, int n, const uint8_t* valid, const int* row_len, float scale2,
                   SoftmaxState st, uint16_t* p16);
+
+  // out[i] = acc[i] * mult for i < kDV (acc in the bf16 kernels' order when bf16_order),
+  // rounded to nearest even into `dtype`. nullptr: the caller's scalar loop.
+  void (*store_out)(const float* acc, bool bf16_order, float mult, OutDtype dtype,
+                    void* out) = nullptr;
 
   bool pv_from_k_rows = false;
 };

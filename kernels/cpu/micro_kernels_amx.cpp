@@ -267,7 +267,8 @@ const MicroKernels& micro_kernels_amx() {
   const MicroKernels& base = micro_kernels_avx512();
   static const MicroKernels k{base.load_f32,   base.scores_f32,   base.pv_f32,
                               amx::pack_q,     avx512::load_bf16, avx512::pack_v_bf16,
-                              amx::attend,     avx512::softmax,   /*pv_from_k_rows=*/true};
+                              amx::attend,     avx512::softmax,   avx512::store_out,
+                              /*pv_from_k_rows=*/true};
   return k;
 }
 

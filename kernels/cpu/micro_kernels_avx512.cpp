@@ -17,7 +17,8 @@ const MicroKernels& micro_kernels_avx512() {
   static const MicroKernels k{generic_avx512::load_f32, generic_avx512::scores_f32,
                               generic_avx512::pv_f32,   avx512::pack_q,
                               avx512::load_bf16,        avx512::pack_v_bf16,
-                              avx512::attend_bf16,      avx512::softmax};
+                              avx512::attend_bf16,      avx512::softmax,
+                              avx512::store_out};
   return k;
 }
 

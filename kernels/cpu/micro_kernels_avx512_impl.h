@@ -258,6 +258,40 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
   }
 }
 
+static void store_out(const float* acc, bool bf16_order, float mult, OutDtype dtype,
+                      void* out) {
+  // natural columns c.. c + 15 of a block: even slot 0, odd slot 0, even slot 1, ...
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 m = _mm512_set1_ps(mult);
+  for (int c = 0; c < kDV; c += 32) {
+    __m512 a = _mm512_loadu_ps(acc + c), b = _mm512_loadu_ps(acc + c + 16);
+    if (bf16_order) {
+      const __m512 even = a, odd = b;
+      a = _mm512_permutex2var_ps(even, first, odd);
+      b = _mm512_permutex2var_ps(even, second, odd);
+    }
+    a = _mm512_mul_ps(a, m);
+    b = _mm512_mul_ps(b, m);
+    switch (dtype) {
+      case OutDtype::kBf16:
+        _mm512_storeu_si512(static_cast<uint16_t*>(out) + c, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        break;
+      case OutDtype::kFp16: {
+        uint16_t* o = static_cast<uint16_t*>(out) + c;
+        constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtps_ph(a, kRound));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm512_cvtps_ph(b, kRound));
+        break;
+      }
+      case OutDtype::kFp32:
+        _mm512_storeu_ps(static_cast<float*>(out) + c, a);
+        _mm512_storeu_ps(static_cast<float*>(out) + c + 16, b);
+        break;
+    }
+  }
+}
+
 static void attend_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
                         int d, const uint8_t* valid, const int* row_len, float scale2,
                         SoftmaxState st, const uint16_t* vp, float* s, uint16_t* p16,
