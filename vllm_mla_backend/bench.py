@@ -11,8 +11,9 @@ machine hits both alike.  The rounds run in two sessions that start the engines 
 orders: in an A/A run (our backend in both engines, one session) the engine started first
 measured 5-10% slower at batch 8 in every round (cause not found; restarting it mid-run did
 not remove the gap), so each backend is started first for half the rounds.  Reported: the
-best round per backend, and the median over rounds of the paired ratio ours / vLLM's (each
-round's two measurements ran back to back, so a load burst that spans a round cancels out).
+best round per backend, and the paired ratio ours / vLLM's: per session the median over its
+rounds (each round's two measurements ran back to back, so a load burst that spans a round
+cancels out), then the geometric mean of the two sessions (the start-order bias cancels).
 Start time is the ``LLM(...)`` constructor; the first engine may pay for filling vLLM's
 torch.compile cache, so the first start is repeated after the cache is warm
 (``--start-once`` skips that when the caches are known warm).

@@ -52,11 +52,12 @@ void query_f32(c10::ScalarType t, const void* src, int d, float* dst) {
   }
 }
 
+// Scalar output store, for the ISAs without a store_out micro-kernel (float32 compute only:
+// their accumulators are in natural column order).
 template <typename T>
-void store_row(const float* x, bool bf16_order, float mult, void* dst) {
+void store_row(const float* x, float mult, void* dst) {
   T* o = static_cast<T*>(dst);
-  for (int i = 0; i < kDV; ++i)
-    o[i] = static_cast<T>(x[bf16_order ? bf16_acc_slot(i) : i] * mult);
+  for (int i = 0; i < kDV; ++i) o[i] = static_cast<T>(x[i] * mult);
 }
 
 // Final output of one row from its unnormalized state (max in the log2 domain; acc in the
@@ -82,10 +83,9 @@ void finalize_row(const AttentionParams& p, const MicroKernels& mk, const RowIO&
     return mk.store_out(acc, bf16_order, mult, dtype, io.out);
   }
   switch (p.q_dtype) {
-    case c10::ScalarType::BFloat16:
-      return store_row<c10::BFloat16>(acc, bf16_order, mult, io.out);
-    case c10::ScalarType::Half: return store_row<c10::Half>(acc, bf16_order, mult, io.out);
-    default: return store_row<float>(acc, bf16_order, mult, io.out);
+    case c10::ScalarType::BFloat16: return store_row<c10::BFloat16>(acc, mult, io.out);
+    case c10::ScalarType::Half: return store_row<c10::Half>(acc, mult, io.out);
+    default: return store_row<float>(acc, mult, io.out);
   }
 }
 
@@ -146,6 +146,8 @@ class Runner {
   Runner(const AttentionParams& p, const AttentionTask& task)
       : p_(p), task_(task), isa_(active_isa()), mk_(micro_kernels(isa_)),
         bf16_(computes_in_bf16(p, isa_)) {
+    // bf16 accumulators come back in even/odd column order: only store_out undoes it
+    TORCH_CHECK(!bf16_ || mk_.store_out, "vllm_mla: bf16 micro-kernels without store_out");
     scale2_ = p.softmax_scale * kLog2e * (p.layout == Layout::FP8 ? p.k_scale : 1.f);
     // bytes of a token record (plain layouts: d_qk elements, e.g. unpaged kv of d_qk 512)
     token_bytes_ = p.layout == Layout::BF16 || p.layout == Layout::FP16 ? 2 * p.d_qk
