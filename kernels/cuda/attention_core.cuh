@@ -225,6 +225,15 @@ __device__ __forceinline__ TokenAddr candidate(const Source& src, int r, int n_t
   return t < n_tok ? src.template addr<L>(r, t, kvh) : TokenAddr{nullptr, nullptr};
 }
 
+// The source address of zero-filling cp.async copies (src-size 0: never read, but a 16-byte
+// aligned global address all the same; q need not be aligned).
+static __device__ __align__(16) uint4 g_zero_fill_src;
+
+// The source of one cp.async: `p` when valid, else the zero-fill address.
+__device__ __forceinline__ const void* copy_src(const void* p, bool valid) {
+  return valid ? p : &g_zero_fill_src;
+}
+
 // The 32 query rows of tile `mt` of KV head `kvh` into shared memory, in the compute type;
 // rows past the end are zero.
 template <class Tr, class Source>
@@ -239,7 +248,7 @@ __device__ void load_q(const CoreParams& c, const Source& src, const Smem<Tr>& s
   if (c.q_async) {
     const T* q = static_cast<const T*>(c.q) + qoff;
     for (int ch = sub; ch < Tr::kRowChunks; ch += kThreadsPerToken)
-      sm80::cp_async_16(dst + ch * 8, live ? q + ch * 8 : c.q, live);
+      sm80::cp_async_16(dst + ch * 8, copy_src(q + ch * 8, live), live);
   } else {
     for (int d = sub; d < Tr::kDqk; d += kThreadsPerToken)
       dst[d] = from_float<T>(live ? load_float(c.q, qoff + d, c.io_dtype) : 0.f);
@@ -257,7 +266,7 @@ __device__ void issue_tile_16bit(const CoreParams& c, const Source& src, typenam
   auto* dst = dst_tile + n * Tr::kRow;
 #pragma unroll
   for (int ch = sub; ch < Tr::kRowChunks; ch += kThreadsPerToken)
-    sm80::cp_async_16(dst + ch * 8, ok ? a.rec + ch * 16 : c.q, ok);  // c.q: any global address
+    sm80::cp_async_16(dst + ch * 8, copy_src(ok ? a.rec + ch * 16 : nullptr, ok), ok);
   if (sub == 0) valid[n] = ok;
 }
 
@@ -289,7 +298,7 @@ __device__ void load_fp8(const CoreParams& c, const Source& src, Fp8Stage<Tr>& s
     st.raw[k] = __ldg(reinterpret_cast<const uint4*>(a.rec + byte));
     if (ch < Tr::kFp8Chunks) {
       if constexpr (L == Layout::FP8) {
-        st.scale[k] = __ldg(c.k_scale);
+        st.scale[k] = 1.f;  // k_scale scales the logits and the output (attend_piece)
       } else if constexpr (L == Layout::V32_FP8) {
         st.scale[k] = __ldg(reinterpret_cast<const float*>(a.rec + kV32ScaleOffset) + ch / 8);
       } else {
@@ -333,6 +342,10 @@ __device__ void attend_piece(const CoreParams& c, const Source& src, const Smem<
   const int rg = warp & 1, cg = warp >> 1;  // row group (16 rows), column group
   const int g = lane >> 2, t4 = lane & 3;
   const int n_tok = src.tokens(r);
+  // Per-tensor FP8: K and V stay exact e4m3 values in the tile (times k_scale they would round
+  // to bf16); k_scale multiplies the logits and the output instead, as on the CPU.
+  const float kv_scale = Tr::kLayout == Layout::FP8 ? __ldg(c.k_scale) : 1.f;
+  const float logit_scale = c.scale_log2 * kv_scale;
 
   // Visibility limit of this thread's two rows (16*rg + g and + 8): tokens t < limit.
   int limit[2];
@@ -391,7 +404,7 @@ __device__ void attend_piece(const CoreParams& c, const Source& src, const Smem<
         const int h = e >> 1, n = 8 * cg + 2 * t4 + (e & 1);
         const int t = tile * kTileTokens + n;
         const bool vis = valid[n] && t < limit[h];
-        sm.s[(16 * rg + g + 8 * h) * kSStride + n] = vis ? acc[e] * c.scale_log2 : neg_inf();
+        sm.s[(16 * rg + g + 8 * h) * kSStride + n] = vis ? acc[e] * logit_scale : neg_inf();
       }
     }
     __syncthreads();
@@ -462,7 +475,7 @@ __device__ void attend_piece(const CoreParams& c, const Source& src, const Smem<
     const int m = mt * kRowsPerCta + 16 * rg + g + 8 * h;
     if (m >= c.rows) continue;
     const bool empty = l_run[h] == 0.f;
-    const float inv = empty ? 0.f : 1.f / l_run[h];
+    const float inv = empty ? 0.f : kv_scale / l_run[h];
     const float lse2 = empty ? neg_inf() : m_run[h] + log2f(l_run[h]);
     if (direct) {
       const RowRef rr = src.row(r, m, kvh);
