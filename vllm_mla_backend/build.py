@@ -189,9 +189,10 @@ def _load(impl: str) -> str:
 
 def _register_fakes() -> None:
     """Fake (meta) kernels so torch.compile can trace through the ops: they only mutate outputs."""
+    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
     for op in ("write_kv", "read_kv", "dense_decode", "sparse_decode", "sparse_prefill"):
         try:
-            torch.library.register_fake(f"vllm_mla::{op}")(lambda *args, **kwargs: None)
+            register(f"vllm_mla::{op}")(lambda *args, **kwargs: None)
         except RuntimeError:  # already registered in this process
             pass
 
