@@ -38,7 +38,7 @@ struct DenseSource {
   }
   __device__ int visible(int b, int m) const {
     const int i = m / heads_per_kv;
-    return causal ? max(seq_lens[b], 0) - (s_q - 1 - i) : tokens(b);
+    return causal ? tokens(b) - (s_q - 1 - i) : tokens(b);  // clamped first, as on the CPU
   }
   __device__ core::RowRef row(int b, int m, int kvh) const {
     const int i = m / heads_per_kv, head = kvh * heads_per_kv + m % heads_per_kv;
@@ -75,6 +75,9 @@ void dense_decode(const torch::Tensor& q, const torch::Tensor& cache,
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && k_scale.numel() >= 1,
               "k_scale must be a float32 tensor of one element");
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = cache.size(2);
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= b && seq_lens.dim() == 1 &&
+                  seq_lens.size(0) >= b,
+              "block_table must be [b, max_blocks] and seq_lens [b] for q's batch of ", b);
   TORCH_CHECK(h_q % h_kv == 0, "q heads must be a multiple of the cache's KV heads");
   if (b == 0 || s_q == 0 || h_q == 0) return;
   const int64_t max_tokens = block_table.size(1) * cache.size(1);

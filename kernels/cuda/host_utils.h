@@ -47,6 +47,21 @@ inline void check_cache(const torch::Tensor& cache, Layout layout) {
                   (cache.size(0) <= 1 || cache.stride(0) % 16 == 0),
               "cache: the CUDA kernels need a 16-byte aligned base and block stride, got "
               "stride(0) = ", cache.stride(0));
+  const int64_t bpt = bytes_per_token(layout), B = cache.size(1), h_kv = cache.size(2);
+  TORCH_CHECK(cache.stride(3) == 1 && (h_kv <= 1 || cache.stride(2) == bpt) &&
+                  (B <= 1 || cache.stride(1) == h_kv * bpt),
+              "cache: tokens must be packed records (stride(1) == h_kv * bytes, stride(2) == "
+              "bytes, stride(3) == 1)");
+  if (layout == Layout::MODEL1_FP8) {
+    TORCH_CHECK(h_kv == 1, "cache: MODEL1_FP8 has one KV head, got ", h_kv);
+    // the split page: B data records then B scale records, all inside the block and the buffer
+    const int64_t page = B * (kModel1Record + kModel1ScaleRecord), nb = cache.size(0);
+    TORCH_CHECK(nb <= 1 || cache.stride(0) >= page, "cache: a MODEL1_FP8 block stride must hold ",
+                page, " bytes, got ", cache.stride(0));
+    TORCH_CHECK(nb == 0 || cache.storage_offset() + (nb - 1) * cache.stride(0) + page <=
+                               int64_t(cache.storage().nbytes()),
+                "cache: the last MODEL1_FP8 block's scale records lie past the buffer");
+  }
 }
 
 // A device attribute of the current device (cheap: no full cudaGetDeviceProperties).

@@ -31,7 +31,10 @@ struct WriteParams {
   const float* k_scale;
 };
 
+// e4m3 of x, saturating (|x| > 448 gives +-448, as c10's conversion); a NaN keeps its sign
+// (0x7f | sign, as c10), which the conversion intrinsic drops.
 __device__ __forceinline__ uint8_t to_e4m3(float x) {
+  if (x != x) return signbit(x) ? 0xff : 0x7f;
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
 }
 
