@@ -4,6 +4,7 @@
 # Budget: under 8 minutes on an H200.  Logs go to $OUT (default .cache/gpu-check).
 #
 #   OUT=/tmp/out scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
+#   GPU_CHECK_ARCH=9.0 ...                       # the arch list to build (default: this GPU's)
 #
 # Exit status: non-zero when the build or any GPU test fails.
 set -uo pipefail
