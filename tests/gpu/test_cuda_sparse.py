@@ -146,8 +146,8 @@ def test_sparse_decode_cuda_graph_capture_and_replay(cuda_kernels):
                                      out=out, workspace=ws, **kw)
 
     graph, (_, lse) = capture_graph(step)
-    # new lengths, none past the captured ones' written range (entries beyond a row's length
-    # may point at tokens never written: NaN)
+    # new lengths, none longer than the case's (entries past a row's length may point at tokens
+    # never written: NaN)
     lengths.copy_(torch.minimum(case.extra_topk_length,
                                 torch.tensor([512, 0, 7, 300], dtype=torch.int32, device=DEV)))
     q.copy_(torch.randn_like(q))
