@@ -17,12 +17,9 @@ struct SoftmaxState {
 };
 
 // The bf16 kernels keep each accumulator row with every 32-column block as its 16 even
-// columns, then its 16 odd ones: the order in which AMX multiplies P by raw K rows (a bf16
-// row read as 16 pairs). The float32 kernels keep the natural order.
-inline int bf16_acc_slot(int column) {
-  const int in_block = column & 31;
-  return (column & ~31) + (in_block & 1) * 16 + in_block / 2;
-}
+// columns, then its 16 odd ones (column c of a block in slot (c & 1) * 16 + c / 2): the order
+// in which AMX multiplies P by raw K rows (a bf16 row read as 16 pairs). store_out puts the
+// columns back. The float32 kernels keep the natural order.
 
 enum class OutDtype { kBf16, kFp16, kFp32 };
 
