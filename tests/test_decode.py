@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_mla_backend import ops
 from vllm_mla_backend.layouts import KVLayout
 
 from cases import assert_attention_close, dense_case, for_each_isa, max_abs_v, poisoned_cache
@@ -83,6 +84,20 @@ def test_long_sequence(layout, cpu_kernels):
     """One long request: whatever split-KV the kernel uses must merge correctly."""
     case = dense_case(layout, 64, (5000, 3), 16, 1, s_q=2, seed=11)
     check(case, causal=True)
+
+
+@pytest.mark.parametrize("layout,block_size", [(L.BF16, 64), (L.V32_FP8, 16), (L.FP16, 16)],
+                         ids=lambda v: v.name if isinstance(v, L) else f"B{v}")
+def test_sharp_softmax(layout, block_size, cpu_kernels):
+    """Logits spanning hundreds of nats: weights far below the max flush to zero (no denormals)
+    and the rows still match the reference, the max-only rows included."""
+    case = dense_case(layout, block_size, (700, 130, 1), 16, 1, s_q=2, seed=21, q_std=60.0)
+    kv = ops.read_kv(case.cache, layout, case.k_scale).double()
+    tokens = kv[case.block_table[0, :-(-700 // block_size)].long()].flatten(0, 1)[:700]
+    logits = torch.einsum("shd,td->sht", case.q[0].double(), tokens) * case.softmax_scale
+    assert (logits.amax(-1) - logits.amin(-1)).min() > 200  # as sharp as meant
+    expected = case.expected(True)
+    for_each_isa(lambda: check(case, True, expected=expected))
 
 
 def test_empty_batch_rows_are_exact(cpu_kernels):

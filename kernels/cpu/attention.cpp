@@ -333,7 +333,7 @@ class Runner {
         for (int i = 0; i < splits; ++i) {
           const int64_t row = first[i].partial + r;
           if (part_max_[row] == -kInf) continue;
-          const float w = std::exp2(part_max_[row] - mx);
+          const float w = exp2_flushed(part_max_[row] - mx);
           sum += part_sum_[row] * w;
           const float* src = part_acc_.data() + size_t(row) * kDV;
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;

@@ -3,6 +3,7 @@
 // S/P [M][N] are dense.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/isa.h"
@@ -20,6 +21,13 @@ struct SoftmaxState {
 // columns, then its 16 odd ones (column c of a block in slot (c & 1) * 16 + c / 2): the order
 // in which AMX multiplies P by raw K rows (a bf16 row read as 16 pairs). store_out puts the
 // columns back. The float32 kernels keep the natural order.
+
+// Softmax weights below 2^-125 of the row's max are flushed to zero: a denormal float result
+// costs a microcode assist per instruction (2-3x slower decode for a sharp softmax, e.g. logits
+// spanning more than ~90 nats), and such a weight is below float resolution next to the max's 1.
+constexpr float kExp2Floor = -125.f;
+
+inline float exp2_flushed(float x) { return x < kExp2Floor ? 0.f : std::exp2(x); }
 
 enum class OutDtype { kBf16, kFp16, kFp32 };
 

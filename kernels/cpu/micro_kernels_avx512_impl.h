@@ -9,9 +9,10 @@
 
 namespace vllm_mla::cpu::avx512 {
 
-// 2^x for x <= 128; x = -inf (or anything below -160) gives 0.
+// 2^x for x <= 128; below kExp2Floor (-inf included) 0, never a denormal; NaN stays NaN.
 static inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(128.f)), _mm512_set1_ps(-160.f));
+  const __mmask16 flushed = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExp2Floor), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(128.f)), _mm512_set1_ps(kExp2Floor));
   const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, whole);  // [-0.5, 0.5]: Taylor series of e^(f ln2), deg 7
   __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
@@ -22,7 +23,7 @@ static inline __m512 exp2_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, whole);
+  return _mm512_maskz_scalef_ps(~flushed, p, whole);
 }
 
 // 16 e4m3 bytes -> 16 floats times `scale` (exact; e4m3 NaN stays NaN).
@@ -241,7 +242,7 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
         total = _mm512_add_ps(total, x[c]);
         _mm512_storeu_ps(row + 16 * c, x[c]);
       }
-      const float alpha = old_max == -__builtin_inff() ? 0.f : std::exp2(old_max - new_max);
+      const float alpha = exp2_flushed(old_max - new_max);  // 0 when old_max is -inf
       st.sum[r] = st.sum[r] * alpha + _mm512_reduce_add_ps(total);
       st.max2[r] = new_max;
       if (alpha != 1.f) {

@@ -57,10 +57,10 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
     } else {
       float total = 0.f;
       for (int j = 0; j < n; ++j) {
-        row[j] = std::exp2(row[j] - new_max);
+        row[j] = exp2_flushed(row[j] - new_max);
         total += row[j];
       }
-      const float alpha = std::exp2(old_max - new_max);  // 0 when old_max is -inf
+      const float alpha = exp2_flushed(old_max - new_max);  // 0 when old_max is -inf
       st.sum[r] = st.sum[r] * alpha + total;
       st.max2[r] = new_max;
       if (alpha != 1.f) {
