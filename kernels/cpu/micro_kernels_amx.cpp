@@ -155,7 +155,9 @@ static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const i
   _mm512_mask_storeu_ps(max2, live, top);
   alignas(64) float a[kTile];
   _mm512_store_ps(a, alpha);
-  for (uint32_t moved = _mm512_mask_cmp_ps_mask(live, alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ);
+  // rows seeing their first tokens keep acc as it is: zero so far, nothing to rescale
+  for (uint32_t moved = _mm512_mask_cmp_ps_mask(live & seen, alpha, _mm512_set1_ps(1.f),
+                                                _CMP_NEQ_UQ);
        moved; moved &= moved - 1) {
     const int h = __builtin_ctz(moved);
     float* o = acc + int64_t(h) * kDV;
