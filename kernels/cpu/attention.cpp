@@ -205,9 +205,10 @@ class Runner {
     std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
     for (size_t i = 0; i < merges.size(); ++i) pending[i].store(merges[i].count);
     const int64_t max_workers = std::max<int64_t>(1, total * p_.rows / kMinRowTokensPerThread);
-    for_each_dynamic(int64_t(items.size()), max_workers, [&](Scratch& sc, int64_t i) {
+    for_each_dynamic(int64_t(items.size()), max_workers,
+                     [&](Scratch& sc, int64_t i, int64_t next) {
       const WorkItem& it = items[i];
-      process(sc, it);
+      process(sc, it, next >= 0 ? &items[next] : nullptr);
       if (it.merge >= 0 && pending[it.merge].fetch_sub(1, std::memory_order_acq_rel) == 1) {
         const Merge& mg = merges[it.merge];
         merge(sc, mg.group, items.data() + mg.first, mg.count);
@@ -217,7 +218,10 @@ class Runner {
 
  private:
   // Items are claimed dynamically (uneven lengths); each is computed independently, so the
-  // result does not depend on which thread ran it.
+  // result does not depend on which thread ran it. While many remain, a worker claims its next
+  // item one ahead, fn(sc, item, next or -1), so that the next item's first chunks are
+  // prefetched during this one's last (short items, as in sparse decode and in engine steps,
+  // would otherwise each start on demand misses).
   template <typename F>
   void for_each_dynamic(int64_t count, int64_t max_workers, const F& fn) {
     if (count == 0) return;
@@ -225,8 +229,14 @@ class Runner {
     const int64_t workers = std::min<int64_t>({at::get_num_threads(), count, max_workers});
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(p_.rows, p_.d_qk, bf16_);
-      for (int64_t w = begin; w < end; ++w)
-        for (int64_t i; (i = next.fetch_add(1)) < count;) fn(sc, i);
+      for (int64_t w = begin; w < end; ++w) {
+        for (int64_t i = next.fetch_add(1); i < count;) {
+          int64_t ahead = -1;
+          if (count - i > 2 * workers && (ahead = next.fetch_add(1)) >= count) ahead = -1;
+          fn(sc, i, ahead);
+          i = ahead >= 0 ? ahead : next.fetch_add(1);
+        }
+      }
     });
   }
 
@@ -254,7 +264,9 @@ class Runner {
     return kChunk / 2 + (p_.rows + 15) / 16 * (p_.d_qk / 32 + kDV / 32);
   }
 
-  void process(Scratch& sc, const WorkItem& it) {
+  // `next`: the item this worker computes next (its first chunks are prefetched here), or
+  // nullptr.
+  void process(Scratch& sc, const WorkItem& it, const WorkItem* next) {
     const int m = p_.rows, d = p_.d_qk;
     for (int r = 0; r < m; ++r) {
       sc.rows[r] = task_.row(it.group, r);
@@ -268,25 +280,34 @@ class Runner {
     std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
-    // chunks c, c + 1, c + 2 of the item (a ring): chunk c + 2 is prefetched while chunk c
-    // computes, so lines issued late in a chunk still have a whole chunk to arrive
+    // The worker's chunk stream: this item's chunks, then the next item's first two. Chunks
+    // c, c + 1, c + 2 of it sit in a ring: chunk c + 2 is prefetched while chunk c computes, so
+    // lines issued late in a chunk still have a whole chunk to arrive.
+    const int64_t n_chunks = (it.end - it.begin + kChunk - 1) / kChunk;
+    const auto gather_stream = [&](int64_t v, TokenRef* refs) {
+      if (v < n_chunks) {
+        gather_chunk(it, it.begin + v * kChunk, refs);
+        return true;
+      }
+      const int64_t j = next ? next->begin + (v - n_chunks) * kChunk : 0;
+      if (!next || v - n_chunks >= 2 || j >= next->end) return false;
+      gather_chunk(*next, j, refs);
+      return true;
+    };
     TokenRef chunks[3][kChunk] = {};
     PrefetchQueue pf;
     const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
                                prefetch_steps();
     uint8_t valid[kChunk];
     const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
-    gather_chunk(it, it.begin, chunks[0]);
-    if (it.begin + kChunk < it.end) gather_chunk(it, it.begin + kChunk, chunks[1]);
+    gather_stream(0, chunks[0]);
+    const bool has_second = gather_stream(1, chunks[1]);
     for (int64_t c = 0, j0 = it.begin; j0 < it.end; ++c, j0 += kChunk) {
       const TokenRef* refs = chunks[c % 3];
       TokenRef* far = chunks[(c + 2) % 3];
-      int ahead = 0;  // chunks to prefetch, from `far` on (the first chunk also takes c + 1)
-      if (j0 + 2 * kChunk < it.end) {
-        gather_chunk(it, j0 + 2 * kChunk, far);
-        ahead = 1;
-      }
-      if (c == 0 && j0 + kChunk < it.end) {
+      int ahead = gather_stream(c + 2, far);  // chunks to prefetch, from `far` on
+      if (c == 0 && has_second) {  // the first chunk also takes chunk 1 (again, when this
+                                   // item was the previous one's next: cheap, lines in L2)
         far = chunks[1];
         ++ahead;
       }
