@@ -141,10 +141,13 @@ struct Scratch {
   }
 };
 
-// The split groups' partial softmax states, kept per calling thread from call to call: fresh
-// memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads) cost more in
-// page faults and zeroing than the attention itself (that shape: 38 -> 21 ms). It grows to the
-// largest call's need and is never initialized: every row is written before it is read.
+// The split groups' partial softmax states, never initialized (every row is written before it
+// is read). Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
+// cost more in page faults than the attention itself (that shape: 38 -> 21 ms), so each calling
+// thread keeps one buffer across calls, grown to the largest need up to kRetainedPartialBytes;
+// a larger call (hundreds of long requests: far more work per byte) gets its own.
+constexpr size_t kRetainedPartialBytes = size_t(64) << 20;
+
 struct PartialStates {
   std::unique_ptr<float[]> acc, max2, sum;
   size_t rows = 0;
@@ -158,8 +161,12 @@ struct PartialStates {
   }
 };
 
-PartialStates& thread_partial_states() {
-  static thread_local PartialStates states;
+PartialStates& partial_states(size_t rows, PartialStates& call_local) {
+  static thread_local PartialStates retained;
+  PartialStates& states = rows * (kDV + 2) * sizeof(float) <= kRetainedPartialBytes
+                              ? retained
+                              : call_local;
+  states.reserve(rows);
   return states;
 }
 
@@ -198,7 +205,8 @@ class Runner {
         items.push_back({g, b, std::min(n, b + split), partial_rows, merge});
       merges.push_back({g, first, int64_t(items.size()) - first});
     }
-    part_.reserve(size_t(partial_rows));
+    PartialStates call_local;
+    part_ = &partial_states(size_t(partial_rows), call_local);
 
     // One parallel region: the thread that finishes a group's last split merges the group (in
     // split order, so the result does not depend on which thread it is).
@@ -356,27 +364,27 @@ class Runner {
                      sc.sum[r]);
       return;
     }
-    std::memcpy(part_.acc.get() + size_t(it.partial) * kDV, sc.acc.data(),
+    std::memcpy(part_->acc.get() + size_t(it.partial) * kDV, sc.acc.data(),
                 sizeof(float) * m * kDV);
-    std::memcpy(part_.max2.get() + it.partial, sc.max2.data(), sizeof(float) * m);
-    std::memcpy(part_.sum.get() + it.partial, sc.sum.data(), sizeof(float) * m);
+    std::memcpy(part_->max2.get() + it.partial, sc.max2.data(), sizeof(float) * m);
+    std::memcpy(part_->sum.get() + it.partial, sc.sum.data(), sizeof(float) * m);
   }
 
   // Combine the `splits` partial states of `group` by their LSE, in split order.
   void merge(Scratch& sc, int64_t group, const WorkItem* first, int64_t splits) {
     for (int r = 0; r < p_.rows; ++r) {
       float mx = -kInf;
-      for (int i = 0; i < splits; ++i) mx = std::max(mx, part_.max2[first[i].partial + r]);
+      for (int i = 0; i < splits; ++i) mx = std::max(mx, part_->max2[first[i].partial + r]);
       float* acc = sc.acc.data();
       std::fill(acc, acc + kDV, 0.f);
       float sum = 0.f;
       if (mx != -kInf) {
         for (int i = 0; i < splits; ++i) {
           const int64_t row = first[i].partial + r;
-          if (part_.max2[row] == -kInf) continue;
-          const float w = exp2_flushed(part_.max2[row] - mx);
-          sum += part_.sum[row] * w;
-          const float* src = part_.acc.get() + size_t(row) * kDV;
+          if (part_->max2[row] == -kInf) continue;
+          const float w = exp2_flushed(part_->max2[row] - mx);
+          sum += part_->sum[row] * w;
+          const float* src = part_->acc.get() + size_t(row) * kDV;
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
         }
       }
@@ -391,7 +399,7 @@ class Runner {
   const bool bf16_;
   float scale2_;
   int token_bytes_;
-  PartialStates& part_ = thread_partial_states();
+  PartialStates* part_ = nullptr;  // set by run()
 };
 
 }  // namespace
