@@ -60,10 +60,10 @@ void store_row(const float* x, float mult, void* dst) {
   for (int i = 0; i < kDV; ++i) o[i] = static_cast<T>(x[i] * mult);
 }
 
-// Final output of one row from its unnormalized state (max in the log2 domain; acc in the
-// bf16 kernels' column order when they computed it).
+// Final output of one row from its unnormalized state (SoftmaxState's max2 / sum / peak2 of the
+// row; acc in the bf16 kernels' column order when they computed it).
 void finalize_row(const AttentionParams& p, const MicroKernels& mk, const RowIO& io,
-                  const float* acc, bool bf16_order, float max2, float sum) {
+                  const float* acc, bool bf16_order, float max2, float sum, float peak2) {
   const bool empty = !(sum > 0.f) || max2 == -kInf;
   float mult = 0.f;
   if (empty) {
@@ -72,7 +72,7 @@ void finalize_row(const AttentionParams& p, const MicroKernels& mk, const RowIO&
   } else {
     const float lse = (max2 + std::log2(sum)) * kLn2;
     *io.lse = lse;
-    if (io.max_logit) *io.max_logit = max2 * kLn2;
+    if (io.max_logit) *io.max_logit = peak2 * kLn2;
     mult = (p.layout == Layout::FP8 ? p.k_scale : 1.f) / sum;
     if (io.has_sink) mult *= 1.f / (1.f + std::exp(io.sink - lse));  // +inf sink: 0
   }
@@ -119,14 +119,15 @@ using LineVector = std::vector<T, LineAllocator<T>>;
 
 // Per-thread buffers of one work item.
 struct Scratch {
-  LineVector<float> qf, kf, s, max2, sum, acc;
+  LineVector<float> qf, kf, s, max2, sum, peak2, acc;
   LineVector<uint16_t> qb, kb, vp, p16;
   std::vector<int> row_len;
   std::vector<RowIO> rows;
   std::vector<uint16_t> q_rows;  // bf16 q before packing
   // Rows of P / acc rounded up to a tile of 16 (padding rows stay zero).
   Scratch(int m, int d, bool bf16)
-      : s(size_t(m) * kChunk), max2(m), sum(m), acc(size_t(round16(m)) * kDV), row_len(m),
+      : s(size_t(m) * kChunk), max2(m), sum(m), peak2(m), acc(size_t(round16(m)) * kDV),
+        row_len(m),
         rows(m) {
     if (bf16) {
       q_rows.resize(size_t(m) * d);
@@ -149,7 +150,7 @@ struct Scratch {
 constexpr size_t kRetainedPartialBytes = size_t(64) << 20;
 
 struct PartialStates {
-  std::unique_ptr<float[]> acc, max2, sum;
+  std::unique_ptr<float[]> acc, max2, sum, peak2;
   size_t rows = 0;
 
   void reserve(size_t n) {
@@ -157,13 +158,14 @@ struct PartialStates {
     acc.reset(new float[n * kDV]);
     max2.reset(new float[n]);
     sum.reset(new float[n]);
+    peak2.reset(new float[n]);
     rows = n;
   }
 };
 
 PartialStates& partial_states(size_t rows, PartialStates& call_local) {
   static thread_local PartialStates retained;
-  PartialStates& states = rows * (kDV + 2) * sizeof(float) <= kRetainedPartialBytes
+  PartialStates& states = rows * (kDV + 3) * sizeof(float) <= kRetainedPartialBytes
                               ? retained
                               : call_local;
   states.reserve(rows);
@@ -286,6 +288,7 @@ class Runner {
     }
     if (bf16_) mk_.pack_q_bf16(sc.q_rows.data(), m, d, sc.qb.data());
     std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
+    std::fill(sc.peak2.begin(), sc.peak2.end(), -kInf);
     std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
     // The worker's chunk stream: this item's chunks, then the next item's first two. Chunks
@@ -307,7 +310,7 @@ class Runner {
     const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
                                prefetch_steps();
     uint8_t valid[kChunk];
-    const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data()};
+    const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data(), sc.peak2.data()};
     gather_stream(0, chunks[0]);
     const bool has_second = gather_stream(1, chunks[1]);
     for (int64_t c = 0, j0 = it.begin; j0 < it.end; ++c, j0 += kChunk) {
@@ -361,20 +364,24 @@ class Runner {
     if (it.partial < 0) {
       for (int r = 0; r < m; ++r)
         finalize_row(p_, mk_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, bf16_, sc.max2[r],
-                     sc.sum[r]);
+                     sc.sum[r], sc.peak2[r]);
       return;
     }
     std::memcpy(part_->acc.get() + size_t(it.partial) * kDV, sc.acc.data(),
                 sizeof(float) * m * kDV);
     std::memcpy(part_->max2.get() + it.partial, sc.max2.data(), sizeof(float) * m);
     std::memcpy(part_->sum.get() + it.partial, sc.sum.data(), sizeof(float) * m);
+    std::memcpy(part_->peak2.get() + it.partial, sc.peak2.data(), sizeof(float) * m);
   }
 
   // Combine the `splits` partial states of `group` by their LSE, in split order.
   void merge(Scratch& sc, int64_t group, const WorkItem* first, int64_t splits) {
     for (int r = 0; r < p_.rows; ++r) {
-      float mx = -kInf;
-      for (int i = 0; i < splits; ++i) mx = std::max(mx, part_->max2[first[i].partial + r]);
+      float mx = -kInf, peak = -kInf;  // the largest reference; the true max
+      for (int i = 0; i < splits; ++i) {
+        mx = std::max(mx, part_->max2[first[i].partial + r]);
+        peak = std::max(peak, part_->peak2[first[i].partial + r]);
+      }
       float* acc = sc.acc.data();
       std::fill(acc, acc + kDV, 0.f);
       float sum = 0.f;
@@ -388,7 +395,7 @@ class Runner {
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
         }
       }
-      finalize_row(p_, mk_, task_.row(group, r), acc, bf16_, mx, sum);
+      finalize_row(p_, mk_, task_.row(group, r), acc, bf16_, mx, sum, peak);
     }
   }
 

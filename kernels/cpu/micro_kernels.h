@@ -12,10 +12,18 @@
 namespace vllm_mla::cpu {
 
 struct SoftmaxState {
-  float* max2;  // [M] running max of the log2-domain logits (-inf: nothing seen yet)
-  float* sum;   // [M] running sum of exp2(logit - max2)
-  float* acc;   // [M][kDV] unnormalized output, rescaled here when the max moves
+  float* max2;   // [M] reference of the log2-domain logits (-inf: nothing seen yet): the running
+                 // max, or up to kRescaleSlack below it (kernels that rescale lazily)
+  float* sum;    // [M] running sum of exp2(logit - max2)
+  float* acc;    // [M][kDV] unnormalized output, rescaled here when max2 moves
+  float* peak2;  // [M] running max of the log2-domain logits (for max_logit)
 };
+
+// A kernel may keep max2 while a chunk's max exceeds it by at most this much (log2 domain):
+// weights up to 2^8 are as exact in float / bf16 as weights up to 1, and the accumulator
+// rescale, a read and write of 2 KiB per row, then happens only when the max jumps (lazy
+// rescaling, the AMX kernels: 2-10% faster at 64-128 heads).
+constexpr float kRescaleSlack = 8.f;
 
 // The bf16 kernels keep each accumulator row with every 32-column block as its 16 even
 // columns, then its 16 odd ones (column c of a block in slot (c & 1) * 16 + c / 2): the order

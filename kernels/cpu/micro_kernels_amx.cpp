@@ -109,10 +109,12 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 
 // Online softmax of one head block on S^T, one vector per token (a lane per head: no horizontal
 // reductions), then P in bf16 as two A tiles, p[t][16 heads][32 tokens] for tokens 32t.., for
-// the P.V product. Same rules as avx512::softmax; lanes past `rows` stay untouched and give
-// zero P rows.
+// the P.V product. Same rules as avx512::softmax, with lazy rescaling: a row's reference max2
+// moves (and its acc is rescaled) only when the chunk's max exceeds it by more than
+// kRescaleSlack. Lanes past `rows` stay untouched and give zero P rows.
 static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const int* row_len,
-                      float scale2, float* max2, float* sum, float* acc, uint16_t* p) {
+                      float scale2, float* max2, float* sum, float* acc, float* peak2,
+                      uint16_t* p) {
   const __mmask16 lanes = rows >= kTile ? 0xffff : __mmask16((1u << rows) - 1u);
   const __m512i len = _mm512_maskz_loadu_epi32(lanes, row_len);
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), scale = _mm512_set1_ps(scale2);
@@ -125,7 +127,13 @@ static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const i
     mx = _mm512_mask_max_ps(mx, use[j], mx, _mm512_mul_ps(_mm512_load_ps(st[j]), scale));
   }
   const __m512 old = _mm512_mask_loadu_ps(neg_inf, lanes, max2);
-  const __m512 top = _mm512_max_ps(old, mx);
+  _mm512_mask_storeu_ps(peak2, lanes,
+                        _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes, peak2), mx));
+  // the reference moves to the chunk's max past the slack (unordered: a NaN max moves it too,
+  // and propagates as before); -inf + slack is -inf, so a row's first tokens always move it
+  const __mmask16 move = _mm512_cmp_ps_mask(
+      mx, _mm512_add_ps(old, _mm512_set1_ps(kRescaleSlack)), _CMP_NLE_UQ);
+  const __m512 top = _mm512_mask_mov_ps(old, move, mx);
   const __mmask16 live = _mm512_cmp_ps_mask(top, neg_inf, _CMP_NEQ_OQ);
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
                                               9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
@@ -148,7 +156,8 @@ static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const i
     for (int h = 0; h < kTile; ++h) _mm512_store_si512(tile + h * 2 * kTile, pairs[h]);
   }
   const __mmask16 seen = _mm512_cmp_ps_mask(old, neg_inf, _CMP_NEQ_OQ);
-  const __m512 alpha = _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old, top)));  // 0: none
+  const __m512 alpha = _mm512_mask_mov_ps(  // 1: kept; 0: nothing seen before
+      _mm512_set1_ps(1.f), move, _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old, top))));
   _mm512_mask_storeu_ps(sum, live,
                         _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sum), alpha),
                                       total));
@@ -249,7 +258,7 @@ static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_strid
   for (int b0 = 0; b0 < m; b0 += kTile) {
     scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t, pf);
     softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
-              st.acc + int64_t(b0) * kDV, p[0][0]);
+              st.acc + int64_t(b0) * kDV, st.peak2 + b0, p[0][0]);
     if (vp) {
       pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
     } else {

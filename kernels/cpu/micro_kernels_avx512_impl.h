@@ -244,7 +244,7 @@ static void softmax(float* s, int m, int n, const uint8_t* valid, const int* row
       }
       const float alpha = exp2_flushed(old_max - new_max);  // 0 when old_max is -inf
       st.sum[r] = st.sum[r] * alpha + _mm512_reduce_add_ps(total);
-      st.max2[r] = new_max;
+      st.max2[r] = st.peak2[r] = new_max;
       if (alpha != 1.f && old_max != -__builtin_inff()) {  // first tokens: acc is still zero
         float* o = st.acc + int64_t(r) * kDV;
         const __m512 a = _mm512_set1_ps(alpha);
