@@ -142,24 +142,23 @@ struct Scratch {
   }
 };
 
-// The split groups' partial softmax states, never initialized (every row is written before it
-// is read). Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
+// The split groups' partial softmax states: a split item computes straight into its slot (rows
+// rounded up to 16, 64-byte aligned, as the micro-kernels want acc), the group's merge reads
+// them back. Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
 // cost more in page faults than the attention itself (that shape: 38 -> 21 ms), so each calling
 // thread keeps one buffer across calls, grown to the largest need up to kRetainedPartialBytes;
 // a larger call (hundreds of long requests: far more work per byte) gets its own.
 constexpr size_t kRetainedPartialBytes = size_t(64) << 20;
 
 struct PartialStates {
-  std::unique_ptr<float[]> acc, max2, sum, peak2;
-  size_t rows = 0;
+  LineVector<float> acc, max2, sum, peak2;
 
-  void reserve(size_t n) {
-    if (n <= rows) return;
-    acc.reset(new float[n * kDV]);
-    max2.reset(new float[n]);
-    sum.reset(new float[n]);
-    peak2.reset(new float[n]);
-    rows = n;
+  void reserve(size_t rows) {
+    if (rows <= max2.size()) return;
+    acc.resize(rows * kDV);
+    max2.resize(rows);
+    sum.resize(rows);
+    peak2.resize(rows);
   }
 };
 
@@ -203,7 +202,7 @@ class Runner {
         continue;
       }
       const int64_t first = int64_t(items.size()), merge = int64_t(merges.size());
-      for (int64_t b = 0; b < n; b += split, partial_rows += p_.rows)
+      for (int64_t b = 0; b < n; b += split, partial_rows += round16(p_.rows))
         items.push_back({g, b, std::min(n, b + split), partial_rows, merge});
       merges.push_back({g, first, int64_t(items.size()) - first});
     }
@@ -287,10 +286,18 @@ class Runner {
       }
     }
     if (bf16_) mk_.pack_q_bf16(sc.q_rows.data(), m, d, sc.qb.data());
-    std::fill(sc.max2.begin(), sc.max2.end(), -kInf);
-    std::fill(sc.peak2.begin(), sc.peak2.end(), -kInf);
-    std::fill(sc.sum.begin(), sc.sum.end(), 0.f);
-    std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+    // the softmax state: a split's own slot of the partial states, or the scratch
+    const bool split = it.partial >= 0;
+    const SoftmaxState st = split ? SoftmaxState{part_->max2.data() + it.partial,
+                                                 part_->sum.data() + it.partial,
+                                                 part_->acc.data() + size_t(it.partial) * kDV,
+                                                 part_->peak2.data() + it.partial}
+                                  : SoftmaxState{sc.max2.data(), sc.sum.data(), sc.acc.data(),
+                                                 sc.peak2.data()};
+    std::fill(st.max2, st.max2 + m, -kInf);
+    std::fill(st.peak2, st.peak2 + m, -kInf);
+    std::fill(st.sum, st.sum + m, 0.f);
+    std::fill(st.acc, st.acc + size_t(round16(m)) * kDV, 0.f);
     // The worker's chunk stream: this item's chunks, then the next item's first two. Chunks
     // c, c + 1, c + 2 of it sit in a ring: chunk c + 2 is prefetched while chunk c computes, so
     // lines issued late in a chunk still have a whole chunk to arrive.
@@ -310,7 +317,6 @@ class Runner {
     const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
                                prefetch_steps();
     uint8_t valid[kChunk];
-    const SoftmaxState st{sc.max2.data(), sc.sum.data(), sc.acc.data(), sc.peak2.data()};
     gather_stream(0, chunks[0]);
     const bool has_second = gather_stream(1, chunks[1]);
     for (int64_t c = 0, j0 = it.begin; j0 < it.end; ++c, j0 += kChunk) {
@@ -356,22 +362,15 @@ class Runner {
           mk_.load_f32(p_.layout, d, refs, kChunk, sc.kf.data());
           mk_.scores_f32(sc.qf.data(), m, sc.kf.data(), kChunk, d, sc.s.data());
           mk_.softmax(sc.s.data(), m, kChunk, valid, sc.row_len.data(), scale2_, st, nullptr);
-          mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, sc.acc.data());
+          mk_.pv_f32(sc.s.data(), m, kChunk, sc.kf.data(), d, st.acc);
         }
       }
       pf.drain();
     }
-    if (it.partial < 0) {
+    if (!split)
       for (int r = 0; r < m; ++r)
-        finalize_row(p_, mk_, sc.rows[r], sc.acc.data() + size_t(r) * kDV, bf16_, sc.max2[r],
-                     sc.sum[r], sc.peak2[r]);
-      return;
-    }
-    std::memcpy(part_->acc.get() + size_t(it.partial) * kDV, sc.acc.data(),
-                sizeof(float) * m * kDV);
-    std::memcpy(part_->max2.get() + it.partial, sc.max2.data(), sizeof(float) * m);
-    std::memcpy(part_->sum.get() + it.partial, sc.sum.data(), sizeof(float) * m);
-    std::memcpy(part_->peak2.get() + it.partial, sc.peak2.data(), sizeof(float) * m);
+        finalize_row(p_, mk_, sc.rows[r], st.acc + size_t(r) * kDV, bf16_, st.max2[r], st.sum[r],
+                     st.peak2[r]);
   }
 
   // Combine the `splits` partial states of `group` by their LSE, in split order.
@@ -391,7 +390,7 @@ class Runner {
           if (part_->max2[row] == -kInf) continue;
           const float w = exp2_flushed(part_->max2[row] - mx);
           sum += part_->sum[row] * w;
-          const float* src = part_->acc.get() + size_t(row) * kDV;
+          const float* src = part_->acc.data() + size_t(row) * kDV;
           for (int k = 0; k < kDV; ++k) acc[k] += src[k] * w;
         }
       }
