@@ -117,18 +117,35 @@ struct LineAllocator {
 template <typename T>
 using LineVector = std::vector<T, LineAllocator<T>>;
 
+// Softmax state rows (SoftmaxState's arrays); the micro-kernels want acc 64-byte aligned with
+// rows in multiples of 16, so states start at multiples of 16 rows.
+struct StateRows {
+  LineVector<float> acc, max2, sum, peak2;
+
+  void reserve(size_t rows) {
+    if (rows <= max2.size()) return;
+    acc.resize(rows * kDV);
+    max2.resize(rows);
+    sum.resize(rows);
+    peak2.resize(rows);
+  }
+  SoftmaxState at(int64_t row) {
+    return {max2.data() + row, sum.data() + row, acc.data() + size_t(row) * kDV,
+            peak2.data() + row};
+  }
+};
+
 // Per-thread buffers of one work item.
 struct Scratch {
-  LineVector<float> qf, kf, s, max2, sum, peak2, acc;
+  LineVector<float> qf, kf, s;
   LineVector<uint16_t> qb, kb, vp, p16;
+  StateRows state;  // of an item that is not split, and the merge's output row
   std::vector<int> row_len;
   std::vector<RowIO> rows;
   std::vector<uint16_t> q_rows;  // bf16 q before packing
   // Rows of P / acc rounded up to a tile of 16 (padding rows stay zero).
-  Scratch(int m, int d, bool bf16)
-      : s(size_t(m) * kChunk), max2(m), sum(m), peak2(m), acc(size_t(round16(m)) * kDV),
-        row_len(m),
-        rows(m) {
+  Scratch(int m, int d, bool bf16) : s(size_t(m) * kChunk), row_len(m), rows(m) {
+    state.reserve(size_t(round16(m)));
     if (bf16) {
       q_rows.resize(size_t(m) * d);
       qb.resize(size_t(round16(m)) * d);
@@ -142,29 +159,16 @@ struct Scratch {
   }
 };
 
-// The split groups' partial softmax states: a split item computes straight into its slot (rows
-// rounded up to 16, 64-byte aligned, as the micro-kernels want acc), the group's merge reads
-// them back. Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
+// The split groups' partial softmax states: a split item computes straight into its slot (16-row
+// multiples, see StateRows), the group's merge reads them back. Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
 // cost more in page faults than the attention itself (that shape: 38 -> 21 ms), so each calling
 // thread keeps one buffer across calls, grown to the largest need up to kRetainedPartialBytes;
 // a larger call (hundreds of long requests: far more work per byte) gets its own.
 constexpr size_t kRetainedPartialBytes = size_t(64) << 20;
 
-struct PartialStates {
-  LineVector<float> acc, max2, sum, peak2;
-
-  void reserve(size_t rows) {
-    if (rows <= max2.size()) return;
-    acc.resize(rows * kDV);
-    max2.resize(rows);
-    sum.resize(rows);
-    peak2.resize(rows);
-  }
-};
-
-PartialStates& partial_states(size_t rows, PartialStates& call_local) {
-  static thread_local PartialStates retained;
-  PartialStates& states = rows * (kDV + 3) * sizeof(float) <= kRetainedPartialBytes
+StateRows& partial_states(size_t rows, StateRows& call_local) {
+  static thread_local StateRows retained;
+  StateRows& states = rows * (kDV + 3) * sizeof(float) <= kRetainedPartialBytes
                               ? retained
                               : call_local;
   states.reserve(rows);
@@ -206,7 +210,7 @@ class Runner {
         items.push_back({g, b, std::min(n, b + split), partial_rows, merge});
       merges.push_back({g, first, int64_t(items.size()) - first});
     }
-    PartialStates call_local;
+    StateRows call_local;
     part_ = &partial_states(size_t(partial_rows), call_local);
 
     // One parallel region: the thread that finishes a group's last split merges the group (in
@@ -288,12 +292,7 @@ class Runner {
     if (bf16_) mk_.pack_q_bf16(sc.q_rows.data(), m, d, sc.qb.data());
     // the softmax state: a split's own slot of the partial states, or the scratch
     const bool split = it.partial >= 0;
-    const SoftmaxState st = split ? SoftmaxState{part_->max2.data() + it.partial,
-                                                 part_->sum.data() + it.partial,
-                                                 part_->acc.data() + size_t(it.partial) * kDV,
-                                                 part_->peak2.data() + it.partial}
-                                  : SoftmaxState{sc.max2.data(), sc.sum.data(), sc.acc.data(),
-                                                 sc.peak2.data()};
+    const SoftmaxState st = split ? part_->at(it.partial) : sc.state.at(0);
     std::fill(st.max2, st.max2 + m, -kInf);
     std::fill(st.peak2, st.peak2 + m, -kInf);
     std::fill(st.sum, st.sum + m, 0.f);
@@ -381,7 +380,7 @@ class Runner {
         mx = std::max(mx, part_->max2[first[i].partial + r]);
         peak = std::max(peak, part_->peak2[first[i].partial + r]);
       }
-      float* acc = sc.acc.data();
+      float* acc = sc.state.acc.data();
       std::fill(acc, acc + kDV, 0.f);
       float sum = 0.f;
       if (mx != -kInf) {
@@ -405,7 +404,7 @@ class Runner {
   const bool bf16_;
   float scale2_;
   int token_bytes_;
-  PartialStates* part_ = nullptr;  // set by run()
+  StateRows* part_ = nullptr;  // the partial states, set by run()
 };
 
 }  // namespace
