@@ -84,14 +84,15 @@ class ExtensionSpec:
     cuda_cflags: list[str] = field(default_factory=list)
     with_cuda: bool = False
     target: str = ""
+    # kernels/ folders this build never compiles: editing them must not rebuild it
+    unused_dirs: tuple[str, ...] = ("cuda", "cuda_emu")
 
     def key(self) -> str:
         h = hashlib.sha256()
         root = kernels_dir()
         for path in sorted(p for p in root.rglob("*") if p.is_file() and
                            p.suffix in (".h", ".cuh", ".cpp", ".cu") and
-                           (self.with_cuda or "cuda" not in p.relative_to(root).parts)):
-            # The CPU build never sees kernels/cuda: editing CUDA code must not rebuild it.
+                           p.relative_to(root).parts[0] not in self.unused_dirs):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
         h.update(" ".join(self.cflags + self.cuda_cflags).encode())
@@ -177,14 +178,30 @@ def _load(impl: str) -> str:
     spec = cuda_spec() if _wants_cuda() else cpu_spec()
     if spec.name in _LOADED:
         return _LOADED[spec.name]
-    if _LOADED:  # a library is loaded already (e.g. CPU-only before CUDA appeared): reuse it
-        return next(iter(_LOADED.values()))
+    loaded = [path for name, path in _LOADED.items() if name in ("vllm_mla_cpu", "vllm_mla_cuda")]
+    if loaded:  # a library is loaded already (e.g. CPU-only before CUDA appeared): reuse it
+        return loaded[0]
     lib = _prebuilt(spec) or compile_extension(spec)
     if spec.name not in _LOADED:
         torch.ops.load_library(str(lib))
         _LOADED[spec.name] = str(lib)
     _register_fakes()
     return _LOADED[spec.name]
+
+
+def load_cuda_emulator() -> str:
+    """Make ``torch.ops.vllm_mla_emu`` available: the CUDA ops compiled for the host SIMT
+    emulator (``kernels/cuda_emu``), run on CPU tensors.  Needs the CUDA toolkit's headers."""
+    resolved = _RESOLVED.get("cuda-emulated")
+    if resolved is None:
+        from . import build_cuda
+        spec = build_cuda.emulator_spec()
+        lib = _LOADED.get(spec.name) or compile_extension(spec)
+        if spec.name not in _LOADED:
+            torch.ops.load_library(str(lib))
+            _LOADED[spec.name] = str(lib)
+        resolved = _RESOLVED["cuda-emulated"] = str(lib)
+    return resolved
 
 
 def _register_fakes() -> None:

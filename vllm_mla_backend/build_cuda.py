@@ -123,7 +123,33 @@ def cuda_spec() -> ExtensionSpec:
     target = f"cuda{torch.version.cuda}-sm" + "_".join(archs)
     return ExtensionSpec("vllm_mla_cuda", sources(), CXX_CFLAGS,
                          cuda_cflags=CUDA_CFLAGS + gencode_flags(archs), with_cuda=True,
-                         target=target)
+                         target=target, unused_dirs=("cuda_emu",))
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's headers, if installed (where torch looks for the toolkit, next to
+    nvcc, or the default prefix: nvcc may be a wrapper script elsewhere)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    nvcc = nvcc_path()
+    for home in (CUDA_HOME, nvcc and Path(nvcc).resolve().parent.parent, "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_bf16.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+def emulator_spec() -> ExtensionSpec:
+    """The CUDA ops' sources compiled as host C++ for the SIMT emulator (kernels/cuda_emu):
+    host g++ only, against the CUDA toolkit's headers (types and host conversions)."""
+    inc = cuda_include_dir()
+    if inc is None:
+        raise RuntimeError("the CUDA emulation needs the CUDA toolkit's headers (nvcc not found; "
+                           "set CUDA_HOME)")
+    root = kernels_dir()
+    flags = [f for f in CXX_CFLAGS if f not in ("-DMLA_WITH_CUDA", "-fopenmp")]
+    flags += ["-DVLLM_MLA_SIMT_EMULATION", f"-I{root / 'cuda_emu' / 'shim'}", f"-I{inc}"]
+    return ExtensionSpec("vllm_mla_cuda_emu",
+                         [root / "cuda_emu" / "emulated.cpp", root / "cuda_emu" / "simt.cpp"],
+                         flags, target="simt-host", unused_dirs=("cpu",))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Public API: argument checks, then dispatch to the reference, CPU or CUDA kernels.
 
 Every op takes ``impl=`` ("reference", "cpu", "cuda"); the default is the native kernels of the
-tensors' device.  Checks raise ``TypeError`` (dtype), ``ValueError`` (shape, stride, value) or
+tensors' device.  ``impl="cuda-emulated"`` runs the CUDA kernels' sources on CPU tensors under the
+host SIMT emulator (``kernels/cuda_emu``): slow, for testing the CUDA path without a GPU.
+Checks raise ``TypeError`` (dtype), ``ValueError`` (shape, stride, value) or
 ``IndexError`` (a slot / block id outside the cache) naming the argument and the rule.
 
 Value checks that need the tensors' contents (block ids, seq_lens, slots) run on the host for CPU
@@ -34,6 +36,8 @@ __all__ = ["alloc_kv_cache", "write_kv", "read_kv", "mla_decode", "mla_sparse_de
            "mla_sparse_prefill", "decode_workspace_size", "sparse_decode_workspace_size", "IMPLS"]
 
 IMPLS = ("reference", "cpu", "cuda")
+EMULATED_CUDA = "cuda-emulated"
+_CUDA_KERNELS = ("cuda", EMULATED_CUDA)  # impls that run the CUDA kernels' code
 _FP8_VIEW_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -41,9 +45,10 @@ _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ------------------------------------------------------------------------------------------
 # Argument normalization
 # ------------------------------------------------------------------------------------------
-def _validate_values(*tensors: torch.Tensor) -> bool:
-    """Whether data-dependent checks run: always on CPU, opt-in on CUDA (they sync)."""
-    if all(t.device.type == "cpu" for t in tensors):
+def _validate_values(*tensors: torch.Tensor, impl: str | None = None) -> bool:
+    """Whether data-dependent checks run: always on CPU, opt-in on CUDA (they sync) and for the
+    emulated CUDA kernels (which then meet the same inputs as on a GPU)."""
+    if impl != EMULATED_CUDA and all(t.device.type == "cpu" for t in tensors):
         return True
     return os.environ.get("VLLM_MLA_VALIDATE", "0") not in ("", "0")
 
@@ -51,10 +56,10 @@ def _validate_values(*tensors: torch.Tensor) -> bool:
 def _resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl is None:
         return "cuda" if device.type == "cuda" else "cpu"
-    if impl not in IMPLS:
+    if impl not in IMPLS and impl != EMULATED_CUDA:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "cpu" and device.type != "cpu":
-        raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
+    if impl in ("cpu", EMULATED_CUDA) and device.type != "cpu":
+        raise ValueError(f"impl={impl!r} needs CPU tensors, got tensors on {device}")
     if impl == "cuda" and device.type != "cuda":
         raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
     return impl
@@ -194,6 +199,9 @@ def _output(out, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _load_kernels(impl: str):
     from . import build
+    if impl == EMULATED_CUDA:
+        build.load_cuda_emulator()
+        return torch.ops.vllm_mla_emu
     build.load(impl)
     return torch.ops.vllm_mla
 
@@ -289,7 +297,7 @@ def write_kv(cache, kv_nope, k_rope, slot_mapping, layout, k_scale=None, impl=No
     _same_device(device, kv_nope=nope, k_rope=rope, slot_mapping=slot_mapping)
     impl = _resolve_impl(impl, device)
     slots = slot_mapping.to(torch.int64).contiguous()
-    if T and _validate_values(slots):
+    if T and _validate_values(slots, impl=impl):
         bad = slots >= nb * bs
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -360,7 +368,7 @@ def mla_decode(q, cache, block_table, seq_lens, layout, softmax_scale=None, caus
     _same_device(raw.device, q=q, block_table=block_table, seq_lens=seq_lens)
     impl = _resolve_impl(impl, q.device)
     max_blocks = block_table.shape[1]
-    if b and _validate_values(seq_lens, block_table):
+    if b and _validate_values(seq_lens, block_table, impl=impl):
         _check_seq_lens(seq_lens, block_table, max_blocks, bs, nb)
     return mla_decode_prechecked(q, raw, block_table, seq_lens, layout,
                                  _softmax_scale(softmax_scale, layout.d_qk), bool(causal),
@@ -393,7 +401,7 @@ def mla_decode_prechecked(q, raw, block_table, seq_lens, layout: KVLayout, softm
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).dense_decode(q, raw, block_table, seq_lens, out, lse, layout.code,
                                      softmax_scale, causal, k_scale,
-                                     workspace if impl == "cuda" else None)
+                                     workspace if impl in _CUDA_KERNELS else None)
     return out, lse
 
 
@@ -461,7 +469,7 @@ def mla_sparse_decode(q, cache, indices, layout, softmax_scale=None, topk_length
     if raw.shape[2] != 1:
         raise ValueError("cache: sparse decode takes one KV head (dim 2 must be 1)")
     indices = _index_tensor("indices", indices, (b, s_q, None))
-    validate = _validate_values(q)
+    validate = _validate_values(q, impl=impl)
     topk_length = _topk_length("topk_length", topk_length, b, indices.shape[2], validate)
     attn_sink = _attn_sink(attn_sink, h_q)
     extra_raw = None
@@ -495,7 +503,7 @@ def mla_sparse_decode(q, cache, indices, layout, softmax_scale=None, topk_length
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).sparse_decode(q, raw, indices, topk_length, attn_sink, extra_raw,
                                       extra_indices, extra_topk_length, out, lse, layout.code,
-                                      scale, k_scale_t, workspace if impl == "cuda" else None)
+                                      scale, k_scale_t, workspace if impl in _CUDA_KERNELS else None)
     return out, lse
 
 
@@ -519,7 +527,7 @@ def mla_sparse_prefill(q, kv, indices, softmax_scale, attn_sink=None, topk_lengt
         raise ValueError(f"kv must have shape [s_kv, 1, {d_qk}], got {tuple(kv.shape)}")
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
     indices = _index_tensor("indices", indices, (s_q, 1, None))
-    validate = _validate_values(q)
+    validate = _validate_values(q, impl=impl)
     topk_length = _topk_length("topk_length", topk_length, s_q, indices.shape[2], validate)
     attn_sink = _attn_sink(attn_sink, h_q)
     if softmax_scale is None:
@@ -527,7 +535,7 @@ def mla_sparse_prefill(q, kv, indices, softmax_scale, attn_sink=None, topk_lengt
     scale = _softmax_scale(softmax_scale, d_qk)
     _same_device(q.device, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     impl = _resolve_impl(impl, q.device)
-    if impl == "cuda":
+    if impl in _CUDA_KERNELS:
         if q.dtype == torch.float32:
             raise TypeError("q / kv: sparse prefill on CUDA takes bfloat16 or float16 "
                             "(tensor-core kernels), got float32; use impl='reference'")

@@ -58,11 +58,6 @@ constexpr double kLog2e = 1.4426950408889634;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 constexpr int default_dqk(Layout l) { return l == Layout::MODEL1_FP8 ? 512 : 576; }
 
@@ -121,7 +116,7 @@ struct CoreParams {
 // +inf sink gives 0, -inf (or no sink) 1; empty rows keep their zero output.
 __device__ __forceinline__ float sink_factor(const CoreParams& c, int head, float lse2) {
   if (c.sink == nullptr || lse2 == neg_inf()) return 1.f;
-  return 1.f / (1.f + fast_exp2(c.sink[head] * float(kLog2e) - lse2));
+  return 1.f / (1.f + sm80::exp2_approx(c.sink[head] * float(kLog2e) - lse2));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -429,13 +424,14 @@ __device__ void attend_piece(const CoreParams& c, const Source& src, const Smem<
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[h], mx);
       const float m_ref = m_new == neg_inf() ? 0.f : m_new;  // all masked so far: avoid inf-inf
-      const float alpha = fast_exp2(m_run[h] - m_ref);
+      const float alpha = sm80::exp2_approx(m_run[h] - m_ref);
       float sum = 0.f;
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const float p0 = fast_exp2(v[kk][hf][0] - m_ref), p1 = fast_exp2(v[kk][hf][1] - m_ref);
+          const float p0 = sm80::exp2_approx(v[kk][hf][0] - m_ref);
+          const float p1 = sm80::exp2_approx(v[kk][hf][1] - m_ref);
           sum += p0 + p1;
           pa[kk][h + 2 * hf] = pack2<T>(p0, p1);
         }
@@ -504,8 +500,7 @@ __device__ void attend_piece(const CoreParams& c, const Source& src, const Smem<
 template <class Tr, class Source>
 __global__ void __launch_bounds__(kThreads, 1)
     attention_kernel(const CoreParams c, const Source src) {
-  extern __shared__ __align__(16) char smem_raw[];
-  const Smem<Tr> sm(smem_raw, Tr::kFp8 ? 1 : c.stages);
+  const Smem<Tr> sm(sm80::dynamic_smem(), Tr::kFp8 ? 1 : c.stages);
   const int mt = blockIdx.x % c.m_tiles, kvh = blockIdx.x / c.m_tiles;
   if (c.meta == nullptr) {  // unscheduled: whole requests, written directly
     for (int r = blockIdx.y; r < c.num_requests; r += gridDim.y) {
@@ -560,7 +555,7 @@ __global__ void __launch_bounds__(256) combine_kernel(const CoreParams c, const 
   if (m != neg_inf()) {
     for (int s = 0; s < splits; ++s) {
       const int64_t prow = (slot0 + s) * out_rows + k;
-      const float w = fast_exp2(c.part_lse[prow] - m);
+      const float w = sm80::exp2_approx(c.part_lse[prow] - m);
       w_sum += w;
       const float4* part = reinterpret_cast<const float4*>(c.part_o + prow * kDV);
 #pragma unroll

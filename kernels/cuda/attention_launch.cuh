@@ -85,9 +85,8 @@ void run_attention(CoreParams c, const Source& src, const torch::Tensor& q,
     c.meta = meta;
     c.part_lse = words + ws.lse_offset;
     c.part_o = words + ws.o_offset;
-    schedule_kernel<Source><<<1, kScheduleThreads, 0, stream>>>(src, c.num_requests,
-                                                                c.num_parts, meta);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(&schedule_kernel<Source>, 1, kScheduleThreads, 0, stream, src, c.num_requests,
+           c.num_parts, meta);
   } else {
     c.num_parts = std::min(c.num_requests, 65535);
     c.meta = nullptr;
@@ -96,13 +95,11 @@ void run_attention(CoreParams c, const Source& src, const torch::Tensor& q,
   auto* kernel = attention_kernel<Tr, Source>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       int(smem)));
-  kernel<<<dim3(c.m_tiles * c.h_kv, c.num_parts), kThreads, smem, stream>>>(c, src);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, dim3(c.m_tiles * c.h_kv, c.num_parts), kThreads, smem, stream, c, src);
   if constexpr (kScheduled) {
     const int64_t rows = int64_t(c.num_requests) * c.out_rows();
-    combine_kernel<Source><<<unsigned(ceil_div(rows, kCombineRowsPerCta)), 256, 0, stream>>>(
-        c, src);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(&combine_kernel<Source>, unsigned(ceil_div(rows, kCombineRowsPerCta)), 256, 0, stream,
+           c, src);
   }
 }
 

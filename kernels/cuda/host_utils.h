@@ -32,7 +32,12 @@ inline Layout checked_layout(int64_t code) {
 }
 
 inline void check_cuda(const torch::Tensor& t, const torch::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(),
+#if defined(VLLM_MLA_SIMT_EMULATION)
+  const bool on_device = t.is_cpu();  // the emulated device's memory is the host's
+#else
+  const bool on_device = t.is_cuda();
+#endif
+  TORCH_CHECK(on_device && t.device() == ref.device(), name, " must be on ", ref.device(),
               ", got ", t.device());
 }
 
@@ -70,6 +75,20 @@ inline int device_attribute(cudaDeviceAttr attr) {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, dev));
   return value;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) and the launch check (under the SIMT emulation:
+// the emulator runs it).
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            const Args&... args) {
+#if defined(VLLM_MLA_SIMT_EMULATION)
+  (void)stream;
+  simt::launch(grid, block, smem, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace vllm_mla::cuda

@@ -1,6 +1,11 @@
 // Ampere-class tensor-core and async-copy primitives (sm_80 and newer: Ada, Hopper and Blackwell
-// run them too), as inline PTX.  The only architecture-specific code of the CUDA kernels.
+// run them too), as inline PTX.  The only architecture-specific code of the CUDA kernels; the
+// host emulation (kernels/cuda_emu) implements the same functions.
 #pragma once
+
+#if defined(VLLM_MLA_SIMT_EMULATION)
+#include "cuda_emu/sm80.h"
+#else
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -67,4 +72,18 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x, approximate (2 ulp), subnormal inputs and results flushed to zero.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The block's dynamic shared memory.
+__device__ __forceinline__ char* dynamic_smem() {
+  extern __shared__ __align__(16) char smem[];
+  return smem;
+}
+
 }  // namespace vllm_mla::cuda::sm80
+#endif  // VLLM_MLA_SIMT_EMULATION

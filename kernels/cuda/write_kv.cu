@@ -220,9 +220,8 @@ void write_kv(torch::Tensor& cache, const torch::Tensor& kv_nope, const torch::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = unsigned(ceil_div(T * h_kv * 32, 256));
   dispatch_layout(L, [&](auto tag) {
-    write_kv_kernel<decltype(tag)::value><<<blocks, 256, 0, stream>>>(p);
+    launch(&write_kv_kernel<decltype(tag)::value>, blocks, 256, 0, stream, p);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void read_kv(const torch::Tensor& cache, torch::Tensor& out, int64_t layout,
@@ -251,10 +250,9 @@ void read_kv(const torch::Tensor& cache, torch::Tensor& out, int64_t layout,
     const auto want = kL == Layout::FP16 ? torch::kHalf
                       : kL == Layout::FP32 ? torch::kFloat : torch::kBFloat16;
     TORCH_CHECK(out.scalar_type() == want, "read_kv: out must be ", want, " for this layout");
-    read_kv_kernel<kL><<<blocks, 256, 0, stream>>>(cp, cache.stride(0), B, h_kv, total, ks,
-                                                   reinterpret_cast<Out*>(out.data_ptr()));
+    launch(&read_kv_kernel<kL, Out>, blocks, 256, 0, stream, cp, cache.stride(0), B, h_kv, total,
+           ks, reinterpret_cast<Out*>(out.data_ptr()));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace vllm_mla::cuda

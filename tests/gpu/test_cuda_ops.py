@@ -1,25 +1,29 @@
 """The CUDA kernels against the float64 torch reference: write_kv / read_kv bytes, dense decode on
 the CPU test grids plus larger shapes, the split-KV schedule, CUDA-graph capture and replay,
-determinism, and hostile inputs (poisoned caches, garbage block tables, bad slots / block ids)."""
+determinism, and hostile inputs (poisoned caches, garbage block tables, bad slots / block ids).
+On the GPU, or emulated on the host (cuda_target.py)."""
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import pytest
 import torch
 
 from cases import (DenseCase, assert_attention_close, dense_case, k_scale_of, max_abs_v,
-                   poisoned_cache, storage_bytes, token_values)
+                   poisoned_cache, sparse_case, storage_bytes, token_values)
+from cuda_target import DEV, IMPL, ON_GPU, gpu_scale, needs_gpu, sm_count
 from vllm_mla_backend import decode_schedule, ops
 from vllm_mla_backend.layouts import KVLayout
 
 LAYOUTS = [KVLayout.BF16, KVLayout.FP16, KVLayout.FP8, KVLayout.V32_FP8, KVLayout.MODEL1_FP8]
 BLOCK_SIZES = [1, 2, 16, 53, 64, 69, 256, 576]
 HEADS = [(1, 1), (3, 1), (16, 1), (64, 1), (128, 1), (16, 2), (16, 8)]
-DEV = "cuda"
 
 
 def device_bytes(cache: torch.Tensor) -> torch.Tensor:
-    """Every byte of a (CUDA) cache's storage, copied to the host."""
+    """Every byte of a (device) cache's storage, copied to the host."""
     raw = torch.empty(0, dtype=torch.uint8, device=cache.device).set_(cache.untyped_storage())
     return raw.cpu()
 
@@ -50,7 +54,7 @@ def capture_graph(step):
 
 
 def check_decode(case: DenseCase, causal: bool, v_max: float, q=None, out=None):
-    got_out, got_lse = case.run("cuda", causal, out=out, q=q)
+    got_out, got_lse = case.run(IMPL, causal, out=out, q=q)
     ref = DenseCase(case.layout, case.q if q is None else q, case.cache, case.block_table,
                     case.seq_lens, case.softmax_scale)
     want_out, want_lse = ref.expected(causal)  # float64 on the GPU
@@ -83,7 +87,7 @@ def test_write_kv_bytes_match_reference(cuda_kernels, layout, block_size, h_kv, 
     ops.write_kv(want, nope, rope, slots, layout, k_scale=k_scale_of(layout), impl="reference")
     got = to_cuda_cache(cache)
     ops.write_kv(got, nope.to(DEV), rope.to(DEV), slots.to(DEV), layout,
-                 k_scale=k_scale_of(layout), impl="cuda")
+                 k_scale=k_scale_of(layout), impl=IMPL)
     assert torch.equal(device_bytes(got), storage_bytes(want))
 
 
@@ -96,7 +100,7 @@ def test_write_kv_skips_slots_outside_the_cache(cuda_kernels, layout, monkeypatc
     slots = torch.tensor([48, 10**9, 2**62], device=DEV)
     nope, rope = token_values(3, 1, layout, gen)
     ops.write_kv(cache, nope.to(DEV), rope.to(DEV), slots, layout, k_scale=k_scale_of(layout),
-                 impl="cuda")
+                 impl=IMPL)
     assert torch.equal(device_bytes(cache), before)
 
 
@@ -110,7 +114,7 @@ def test_read_kv_matches_reference(cuda_kernels, layout, block_size):
     ops.write_kv(cache, nope, rope, torch.arange(n), layout, k_scale=k_scale_of(layout),
                  impl="reference")
     want = ops.read_kv(cache, layout, k_scale=k_scale_of(layout), impl="reference")
-    got = ops.read_kv(to_cuda_cache(cache), layout, k_scale=k_scale_of(layout), impl="cuda")
+    got = ops.read_kv(to_cuda_cache(cache), layout, k_scale=k_scale_of(layout), impl=IMPL)
     assert torch.equal(got.cpu(), want)
 
 
@@ -120,13 +124,25 @@ def test_read_kv_matches_reference(cuda_kernels, layout, block_size):
 SQ_CAUSAL = [(1, False), (2, True), (3, False), (4, True)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("h_q,h_kv", HEADS)
-@pytest.mark.parametrize("s_q,causal", SQ_CAUSAL)
+def decode_grid():
+    """layout x block size x heads x (s_q, causal); emulated, half of it: per (layout, block
+    size, heads) two of the four (s_q, causal) pairs, alternating, so each pair still meets every
+    layout, block size and head count."""
+    cases = []
+    combos = itertools.product(LAYOUTS, BLOCK_SIZES, HEADS)
+    for n, (layout, block_size, (h_q, h_kv)) in enumerate(combos):
+        if layout is KVLayout.MODEL1_FP8 and h_kv > 1:
+            continue  # one KV head
+        for j, (s_q, causal) in enumerate(SQ_CAUSAL):
+            if ON_GPU or (j + n) % 2 == 0:
+                cases.append(pytest.param(layout, block_size, h_q, h_kv, s_q, causal,
+                                          id=f"{layout.name}-B{block_size}-hq{h_q}-hkv{h_kv}"
+                                             f"-sq{s_q}" + ("-causal" if causal else "")))
+    return cases
+
+
+@pytest.mark.parametrize("layout,block_size,h_q,h_kv,s_q,causal", decode_grid())
 def test_decode_grid(cuda_kernels, layout, block_size, h_q, h_kv, s_q, causal):
-    if layout is KVLayout.MODEL1_FP8 and h_kv > 1:
-        pytest.skip("MODEL1_FP8 has one KV head")
     seed = hash((layout.code, block_size, h_q, h_kv, s_q)) % 2**31
     lens = [0, 1, 2, 33, 200, 3 * block_size + 1]
     case = dense_case(layout, block_size, lens, h_q, h_kv, s_q, seed=seed, pad_bytes=16)
@@ -136,6 +152,7 @@ def test_decode_grid(cuda_kernels, layout, block_size, h_q, h_kv, s_q, causal):
 @pytest.mark.parametrize("layout", [KVLayout.BF16, KVLayout.FP8, KVLayout.V32_FP8,
                                     KVLayout.MODEL1_FP8])
 @pytest.mark.parametrize("h_q,s_q", [(16, 1), (64, 2), (128, 2)])
+@gpu_scale
 def test_decode_large(cuda_kernels, layout, h_q, s_q):
     gen = torch.Generator().manual_seed(h_q + s_q)
     lens = torch.randint(1, 8192, (24,), generator=gen).tolist()
@@ -150,10 +167,18 @@ def test_decode_long_context_many_splits(cuda_kernels, batch):
     check_decode(to_cuda(case), False, max_abs_v(case.cache, KVLayout.BF16))
 
 
+@pytest.mark.parametrize("layout", [KVLayout.BF16, KVLayout.V32_FP8])
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.float32])
-def test_decode_q_dtype_differs_from_cache(cuda_kernels, q_dtype):
-    case = dense_case(KVLayout.BF16, 16, [5, 100, 0], 16, s_q=2, q_dtype=q_dtype)
-    check_decode(to_cuda(case), True, max_abs_v(case.cache, KVLayout.BF16))
+def test_decode_q_dtype_differs_from_cache(cuda_kernels, layout, q_dtype):
+    """The tensor cores take q in the cache's 16-bit type (bf16 for the FP8 layouts): the oracle
+    sees q rounded to it; out and lse keep q's dtype and float32."""
+    case = dense_case(layout, 16, [5, 100, 0], 16, s_q=2, q_dtype=q_dtype)
+    got_out, got_lse = to_cuda(case).run(IMPL, True)
+    assert got_out.dtype == q_dtype
+    rounded = dataclasses.replace(case, q=case.q.to(torch.bfloat16).to(q_dtype))
+    want_out, want_lse = rounded.expected(True)
+    assert_attention_close(got_out.cpu().to(torch.bfloat16), got_lse.cpu(), want_out, want_lse,
+                           max_abs_v(case.cache, layout))
 
 
 @pytest.mark.parametrize("width,offset", [(600, 0), (581, 3)])  # cp.async rows, or not aligned
@@ -180,7 +205,7 @@ def test_decode_padded_rows_and_out_of_range_block_ids(cuda_kernels, monkeypatch
     bad = bt.clone()
     bad[1, 2] = 1 << 20  # tokens 32..39 of request 1 live behind a bad id
     got_out, got_lse = ops.mla_decode(case.q, case.cache, bad, case.seq_lens, case.layout,
-                                      impl="cuda")
+                                      impl=IMPL)
     want_lens = torch.tensor([40, 32, 0, 0], dtype=torch.int32, device=DEV)
     want_out, want_lse = ops.mla_decode(case.q, case.cache, bt, want_lens, case.layout,
                                         impl="reference")
@@ -188,36 +213,39 @@ def test_decode_padded_rows_and_out_of_range_block_ids(cuda_kernels, monkeypatch
                            max_abs_v(case.cache.cpu(), case.layout))
 
 
+@gpu_scale
 def test_decode_result_does_not_depend_on_the_split_count(cuda_kernels):
     """One long request alone is cut into many splits; 64 copies of it in a batch into few.
     The outputs agree up to rounding (SPEC: split-KV partials merge by LSE)."""
     case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [12000], 64, s_q=2, seed=11))
-    alone_out, alone_lse = case.run("cuda", True)
+    alone_out, alone_lse = case.run(IMPL, True)
     n = 64
     many = DenseCase(case.layout, case.q.expand(n, -1, -1, -1).contiguous(), case.cache,
                      case.block_table.expand(n, -1).contiguous(), case.seq_lens.expand(n).contiguous(),
                      case.softmax_scale)
-    out, lse = many.run("cuda", True)
+    out, lse = many.run(IMPL, True)
     v_max = max_abs_v(case.cache.cpu(), case.layout)
     torch.testing.assert_close(out.float(), alone_out.float().expand_as(out), atol=4e-3 * v_max,
                                rtol=4e-3)
     torch.testing.assert_close(lse, alone_lse.expand_as(lse), atol=1e-4, rtol=1e-5)
 
 
+@gpu_scale
 def test_decode_is_deterministic(cuda_kernels):
     case = to_cuda(dense_case(KVLayout.V32_FP8, 64, [9000, 3, 4000, 0, 12000], 128, s_q=2))
-    a = case.run("cuda", True)
-    b = case.run("cuda", True)
+    a = case.run(IMPL, True)
+    b = case.run(IMPL, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_device_schedule_matches_the_mirror(cuda_kernels):
     case = to_cuda(dense_case(KVLayout.BF16, 64, [9000, 0, 3, 4000, 1, 12000], 64, s_q=2))
     b, s_q, h_q, _ = case.q.shape
-    ws = torch.empty(ops.decode_workspace_size(b, s_q, h_q, 1), dtype=torch.uint8, device=DEV)
+    sms = sm_count()
+    ws = torch.empty(ops.decode_workspace_size(b, s_q, h_q, 1, num_sms=sms), dtype=torch.uint8,
+                     device=DEV)
     ops.mla_decode(case.q, case.cache, case.block_table, case.seq_lens, case.layout,
-                   impl="cuda", workspace=ws)
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+                   impl=IMPL, workspace=ws)
     parts = decode_schedule.num_parts(s_q * h_q, 1, sms)
     max_tokens = case.block_table.shape[1] * case.cache.shape[1]
     want = decode_schedule.schedule(case.seq_lens.tolist(), max_tokens, parts)
@@ -229,9 +257,10 @@ def test_decode_rejects_a_small_workspace(cuda_kernels):
     ws = torch.empty(64, dtype=torch.uint8, device=DEV)
     with pytest.raises(RuntimeError, match="workspace"):
         ops.mla_decode(case.q, case.cache, case.block_table, case.seq_lens, case.layout,
-                       impl="cuda", workspace=ws)
+                       impl=IMPL, workspace=ws)
 
 
+@needs_gpu
 def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
     layout = KVLayout.V32_FP8
     # every token the replay reads is written (the case's lengths are the largest of both runs)
@@ -244,7 +273,7 @@ def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
 
     def step():
         return ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout, causal=True,
-                              impl="cuda", out=out, workspace=ws)
+                              impl=IMPL, out=out, workspace=ws)
 
     graph, (_, lse) = capture_graph(step)
     # New inputs in the captured buffers: shorter / empty sequences, new queries.
@@ -253,7 +282,7 @@ def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
     graph.replay()
     torch.cuda.synchronize()
     want_out, want_lse = ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout,
-                                        causal=True, impl="cuda")
+                                        causal=True, impl=IMPL)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     ref_out, ref_lse = ops.mla_decode(q, case.cache, case.block_table, seq_lens, layout,
                                       causal=True, impl="reference")
@@ -261,14 +290,31 @@ def test_decode_cuda_graph_capture_and_replay(cuda_kernels):
                            max_abs_v(case.cache.cpu(), layout))
 
 
+@needs_gpu
 def test_decode_under_torch_compile(cuda_kernels):
     case = to_cuda(dense_case(KVLayout.BF16, 16, [10, 50], 16))
 
     @torch.compile(fullgraph=True)
     def f(q):
         return ops.mla_decode(q, case.cache, case.block_table, case.seq_lens, case.layout,
-                              impl="cuda")
+                              impl=IMPL)
 
     got = f(case.q)
-    want = case.run("cuda", False)
+    want = case.run(IMPL, False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the emulator's thread order")
+@pytest.mark.parametrize("layout", [KVLayout.BF16, KVLayout.V32_FP8])
+def test_emulated_results_do_not_depend_on_thread_order(cuda_kernels, layout, monkeypatch):
+    """The emulator switches threads at barriers in thread order, or reversed: a missing
+    __syncthreads or a race on shared memory would make the two results differ."""
+    case = dense_case(layout, 16, [70, 0, 129, 1], 64, s_q=2, seed=3)
+    sparse = sparse_case(layout, 64, 32, 128, b=2, s_q=2, sink=True, extra=(16, 64, 300),
+                         seed=3)
+    results = []
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("VLLM_MLA_EMU_ORDER", order)
+        results.append([*case.run(IMPL, True), *sparse.run(IMPL)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,7 +1,7 @@
 """The CUDA sparse kernels (decode and prefill) against the float64 torch reference: the SPEC
 section 4 sparse grids (V32 and MODEL1, extra caches, all-invalid rows, zero topk_length, attention
 sinks, NaN-poisoned unreferenced tokens), larger shapes, the split-KV schedule, CUDA-graph capture
-and replay, determinism."""
+and replay, determinism.  On the GPU, or emulated on the host (cuda_target.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 
 from cases import (SPARSE_CASES, SparseCase, all_invalid_rows_case, assert_attention_close,
                    assert_lse_close, prefill_case, sparse_case, sparse_case_id, tolerances)
-from test_cuda_ops import DEV, capture_graph, to_cuda_cache
+from cuda_target import DEV, IMPL, gpu_scale, needs_gpu, sm_count
+from test_cuda_ops import capture_graph, to_cuda_cache
 from vllm_mla_backend import decode_schedule, ops, reference
 from vllm_mla_backend.layouts import KVLayout
 
@@ -30,8 +31,8 @@ def to_cuda(case: SparseCase) -> SparseCase:
 
 
 def check(case: SparseCase, out=None):
-    """case: CPU tensors (the oracle runs there); the kernel runs on a CUDA copy."""
-    got_out, got_lse = to_cuda(case).run("cuda", out=out)
+    """case: CPU tensors (the oracle runs there); the kernel runs on a device copy."""
+    got_out, got_lse = to_cuda(case).run(IMPL, out=out)
     want_out, want_lse = case.expected()
     assert_attention_close(got_out.cpu(), got_lse.cpu(), want_out, want_lse, case.max_abs_v())
     return got_out, got_lse
@@ -70,7 +71,7 @@ def test_sparse_all_invalid_rows_and_zero_lengths(cuda_kernels, layout):
 def test_sparse_sink_infinities(cuda_kernels):
     case = sparse_case(L.V32_FP8, 64, 16, 64, b=2, with_length=False, sink=True, seed=4)
     out, lse = check(case)
-    plain_out, plain_lse = to_cuda(dataclasses.replace(case, attn_sink=None)).run("cuda")
+    plain_out, plain_lse = to_cuda(dataclasses.replace(case, attn_sink=None)).run(IMPL)
     assert (out[:, :, 0] == 0).all()                               # sink[0] = +inf
     torch.testing.assert_close(out[:, :, 8], plain_out[:, :, 8])   # sink[h_q // 2] = -inf
     assert torch.equal(lse, plain_lse)
@@ -85,7 +86,7 @@ def test_sparse_non_contiguous_q_and_out(cuda_kernels):
     base = torch.full((s_q, b, h_q, 520), float("nan"), dtype=torch.bfloat16, device=DEV)
     out = base[..., :512].transpose(0, 1)
     dev = to_cuda(case)
-    got, lse = ops.mla_sparse_decode(q, dev.cache, dev.indices, dev.layout, impl="cuda", out=out,
+    got, lse = ops.mla_sparse_decode(q, dev.cache, dev.indices, dev.layout, impl=IMPL, out=out,
                                      **dev.kwargs())
     want_out, want_lse = case.expected()
     assert_attention_close(got.cpu(), lse.cpu(), want_out, want_lse, case.max_abs_v())
@@ -93,13 +94,14 @@ def test_sparse_non_contiguous_q_and_out(cuda_kernels):
     assert torch.isnan(base[..., 512:]).all(), "wrote outside out's view"
 
 
+@gpu_scale
 def test_sparse_deterministic_and_split_independent(cuda_kernels):
     """Same inputs: identical bits.  One request alone (many splits) vs 64 copies (few): equal
     up to rounding."""
     case = sparse_case(L.MODEL1_FP8, 64, 64, 2048, b=1, s_q=2, num_slots=4000, sink=True,
                        extra=(64, 512, 1000), seed=6)
     dev = to_cuda(case)
-    a, b = dev.run("cuda"), dev.run("cuda")
+    a, b = dev.run(IMPL), dev.run(IMPL)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     n = 64
     many = dataclasses.replace(
@@ -108,7 +110,7 @@ def test_sparse_deterministic_and_split_independent(cuda_kernels):
         topk_length=dev.topk_length.expand(n).contiguous(),
         extra_indices=dev.extra_indices.expand(n, -1, -1).contiguous(),
         extra_topk_length=dev.extra_topk_length.expand(n).contiguous())
-    out, lse = many.run("cuda")
+    out, lse = many.run(IMPL)
     v_max = case.max_abs_v()
     torch.testing.assert_close(out.float(), a[0].float().expand_as(out), atol=4e-3 * v_max,
                                rtol=4e-3)
@@ -119,11 +121,11 @@ def test_sparse_device_schedule_matches_the_mirror(cuda_kernels):
     case = to_cuda(sparse_case(L.V32_FP8, 64, 64, 2048, b=5, s_q=2, num_slots=3000,
                                extra=(16, 96, 500), seed=8))
     b, s_q, h_q, _ = case.q.shape
-    ws = torch.empty(ops.sparse_decode_workspace_size(b, s_q, h_q), dtype=torch.uint8,
-                     device=DEV)
-    ops.mla_sparse_decode(case.q, case.cache, case.indices, case.layout, impl="cuda",
+    sms = sm_count()
+    ws = torch.empty(ops.sparse_decode_workspace_size(b, s_q, h_q, num_sms=sms),
+                     dtype=torch.uint8, device=DEV)
+    ops.mla_sparse_decode(case.q, case.cache, case.indices, case.layout, impl=IMPL,
                           workspace=ws, **case.kwargs())
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     counts = decode_schedule.sparse_token_counts(
         b, s_q, case.indices.shape[2], case.topk_length.cpu(), case.extra_indices.shape[2],
         case.extra_topk_length.cpu())
@@ -131,6 +133,7 @@ def test_sparse_device_schedule_matches_the_mirror(cuda_kernels):
     assert decode_schedule.read_schedule(ws, b * s_q) == want
 
 
+@needs_gpu
 def test_sparse_decode_cuda_graph_capture_and_replay(cuda_kernels):
     case = to_cuda(sparse_case(L.MODEL1_FP8, 256, 64, 128, b=4, s_q=1, num_slots=3000,
                                sink=True, extra=(64, 512, 2000), seed=9))
@@ -142,7 +145,7 @@ def test_sparse_decode_cuda_graph_capture_and_replay(cuda_kernels):
 
     def step():
         kw = {**case.kwargs(), "extra_topk_length": lengths}
-        return ops.mla_sparse_decode(q, case.cache, case.indices, case.layout, impl="cuda",
+        return ops.mla_sparse_decode(q, case.cache, case.indices, case.layout, impl=IMPL,
                                      out=out, workspace=ws, **kw)
 
     graph, (_, lse) = capture_graph(step)
@@ -154,7 +157,7 @@ def test_sparse_decode_cuda_graph_capture_and_replay(cuda_kernels):
     graph.replay()
     torch.cuda.synchronize()
     replayed = dataclasses.replace(case, q=q, extra_topk_length=lengths)
-    want_out, want_lse = replayed.run("cuda")
+    want_out, want_lse = replayed.run(IMPL)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     ref_out, ref_lse = replayed.run("reference")
     assert_attention_close(out.cpu(), lse.cpu(), ref_out.cpu(), ref_lse.cpu(), case.max_abs_v())
@@ -164,7 +167,7 @@ def test_sparse_decode_rejects_a_small_workspace(cuda_kernels):
     case = to_cuda(sparse_case(L.V32_FP8, 64, 16, 64, b=2, seed=10))
     ws = torch.empty(64, dtype=torch.uint8, device=DEV)
     with pytest.raises(RuntimeError, match="workspace"):
-        ops.mla_sparse_decode(case.q, case.cache, case.indices, case.layout, impl="cuda",
+        ops.mla_sparse_decode(case.q, case.cache, case.indices, case.layout, impl=IMPL,
                               workspace=ws, **case.kwargs())
 
 
@@ -177,7 +180,7 @@ def test_sparse_decode_rejects_a_small_workspace(cuda_kernels):
     (576, 2, 128, 1000, 2048, False, True, torch.bfloat16),
     (512, 4, 16, 50, 2048, True, False, torch.bfloat16),     # topk far above s_kv
     (576, 3, 16, 0, 64, False, False, torch.bfloat16),       # empty kv
-    (576, 70, 128, 5000, 2048, True, True, torch.bfloat16),  # larger
+    pytest.param(576, 70, 128, 5000, 2048, True, True, torch.bfloat16, marks=gpu_scale),
     (512, 33, 48, 3000, 640, True, True, torch.float16),
 ])
 def test_sparse_prefill(cuda_kernels, d_qk, s_q, h_q, s_kv, topk, length, sink, dtype):
@@ -191,7 +194,7 @@ def test_sparse_prefill(cuda_kernels, d_qk, s_q, h_q, s_kv, topk, length, sink, 
     dev = [None if t is None else t.to(DEV) for t in (q, kv, indices, topk_length, sink_t)]
     out, max_logits, lse = ops.mla_sparse_prefill(dev[0], dev[1], dev[2], scale,
                                                   attn_sink=dev[4], topk_length=dev[3],
-                                                  impl="cuda")
+                                                  impl=IMPL)
     out, max_logits, lse = out.cpu(), max_logits.cpu(), lse.cpu()
     assert out.dtype == dtype and not torch.isnan(out).any()
     assert_lse_close(lse, want_lse)
@@ -209,12 +212,12 @@ def test_sparse_prefill_misaligned_kv_view(cuda_kernels):
     q, kv, indices, topk_length, _ = prefill_case(512, 4, 16, 300, 128, seed=2)
     scale = 512 ** -0.5
     want = ops.mla_sparse_prefill(q.to(DEV), kv.to(DEV), indices.to(DEV), scale,
-                                  topk_length=topk_length.to(DEV), impl="cuda")
+                                  topk_length=topk_length.to(DEV), impl=IMPL)
     flat = torch.empty(kv.numel() + 1, dtype=kv.dtype, device=DEV)
     shifted = flat[1:].view(kv.shape)
     shifted.copy_(kv)
     got = ops.mla_sparse_prefill(q.to(DEV), shifted, indices.to(DEV), scale,
-                                 topk_length=topk_length.to(DEV), impl="cuda")
+                                 topk_length=topk_length.to(DEV), impl=IMPL)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -223,4 +226,4 @@ def test_sparse_prefill_float32_is_a_clear_error(cuda_kernels):
     q, kv, indices, _, _ = prefill_case(576, 2, 16, 100, 64, seed=1)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         ops.mla_sparse_prefill(q.float().to(DEV), kv.float().to(DEV), indices.to(DEV), 0.1,
-                               impl="cuda")
+                               impl=IMPL)
