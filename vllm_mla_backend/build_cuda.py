@@ -148,7 +148,8 @@ def emulator_spec() -> ExtensionSpec:
     flags = [f for f in CXX_CFLAGS if f not in ("-DMLA_WITH_CUDA", "-fopenmp")]
     flags += ["-DVLLM_MLA_SIMT_EMULATION", f"-I{root / 'cuda_emu' / 'shim'}", f"-I{inc}"]
     return ExtensionSpec("vllm_mla_cuda_emu",
-                         [root / "cuda_emu" / "emulated.cpp", root / "cuda_emu" / "simt.cpp"],
+                         [root / "cuda_emu" / f for f in ("emulated.cpp", "selftest.cpp",
+                                                          "simt.cpp")],
                          flags, target="simt-host", unused_dirs=("cpu",))
 
 
