@@ -284,9 +284,11 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   thread_local Emulator state;
   Emulator& e = state;
-  Emulator* outer = g_emu;
-  if (outer == &e) throw std::runtime_error("simt: launch from inside a kernel");
-  g_emu = &e;
+  if (g_emu == &e) throw std::runtime_error("simt: launch from inside a kernel");
+  struct Current {  // g_emu is this launch's emulator until it returns or throws
+    explicit Current(Emulator* e) { g_emu = e; }
+    ~Current() { g_emu = nullptr; }
+  } current(&e);
   while (int(e.stacks.size()) < threads) {
     void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
@@ -337,13 +339,11 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
         e.current = e.reverse ? threads - 1 : 0;
         simt_switch(&e.main_sp, e.fibers[e.current].sp);
         if (!e.error.empty()) {
-          g_emu = outer;
           char where[96];
           std::snprintf(where, sizeof(where), " (block %u,%u,%u)", bx, by, bz);
           throw std::runtime_error("simt: " + e.error + where);
         }
       }
-  g_emu = outer;
 }
 
 }  // namespace vllm_mla::simt
