@@ -315,9 +315,13 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   e.fibers.assign(threads, Fiber{});
   e.warps.assign((threads + 31) / 32, Warp{});
   e.error.clear();
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
+  // blocks one after another; reversed too with VLLM_MLA_EMU_ORDER=reverse (a block that
+  // depends on another's writes in the same launch then sees a different result)
+  auto nth = [&](unsigned i, unsigned n) { return e.reverse ? n - 1 - i : i; };
+  for (unsigned iz = 0; iz < grid.z; ++iz)
+    for (unsigned iy = 0; iy < grid.y; ++iy)
+      for (unsigned ix = 0; ix < grid.x; ++ix) {
+        const unsigned bx = nth(ix, grid.x), by = nth(iy, grid.y), bz = nth(iz, grid.z);
         std::memset(e.smem, 0xa5, smem_bytes);  // uninitialized shared memory: garbage
         for (int t = 0; t < threads; ++t) {
           Fiber& f = e.fibers[t];

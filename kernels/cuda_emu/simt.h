@@ -4,14 +4,16 @@
 // PTX wrappers (cuda/sm80_mma.cuh takes kernels/cuda_emu/sm80.h instead) and the launch helper.
 //
 // Model: the blocks of a launch run one after another; the threads of a block are fibers on the
-// calling OS thread, switched round-robin at synchronization points only (__syncthreads, warp
-// collectives, cp.async waits).  A block barrier completes when every live thread of the block
-// has arrived; a warp collective (shuffle, ldmatrix, mma) when all 32 lanes have, and the last
-// lane computes every lane's result from all lanes' operands, as the hardware does.  Lanes of a
-// warp at different collectives, a barrier that can never complete, and misaligned or
-// out-of-shared-memory tensor-core / async-copy addresses fail the launch with a message.
-// cp.async copies are deferred to the wait that covers them, so a read of shared memory before
-// its wait sees stale data, as it can on the device.
+// calling OS thread, switched round-robin at synchronization points only (__syncthreads and the
+// warp collectives).  A block barrier completes when every live thread of the block has arrived;
+// a warp collective (shuffle, ldmatrix, mma) when all 32 lanes have, and the last lane computes
+// every lane's result from all lanes' operands, as the hardware does.  Lanes of a warp at
+// different collectives, a barrier that can never complete, misaligned or out-of-shared-memory
+// tensor-core / async-copy addresses, and global reads outside the op's tensors (GlobalRanges)
+// fail the launch with a message.  cp.async copies are deferred to the wait that covers them,
+// so a read of shared memory before its wait sees stale data, as it can on the device.
+// VLLM_MLA_EMU_ORDER=reverse runs blocks and threads in reverse order: a result that changes
+// reveals a missing barrier or a race.
 #pragma once
 
 #include <cuda_bf16.h>
