@@ -318,3 +318,24 @@ def test_emulated_results_do_not_depend_on_thread_order(cuda_kernels, layout, mo
         results.append([*case.run(IMPL, True), *sparse.run(IMPL)])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(ON_GPU, reason="sets the emulated SM count")
+def test_emulated_split_count_does_not_change_the_result(cuda_kernels, monkeypatch):
+    """The GPU-sized split tests, emulated small: 1 SM (every request whole) or 48 (12 parts:
+    the dense requests cut into 9, 1 and 4 splits, merged by LSE) give the same result up to
+    rounding, both the reference's."""
+    case = dense_case(KVLayout.V32_FP8, 64, [3000, 17, 0, 900], 64, s_q=2, seed=11)
+    sparse = sparse_case(KVLayout.MODEL1_FP8, 64, 64, 2048, b=2, s_q=2, num_slots=4000,
+                         sink=True, extra=(64, 512, 1000), seed=6)
+    runs = []
+    for sms in ("1", "48"):
+        monkeypatch.setenv("VLLM_MLA_EMU_SMS", sms)
+        runs.append((case.run(IMPL, True), sparse.run(IMPL)))
+    v_max = max_abs_v(case.cache, case.layout)
+    for (dense_out, dense_lse), (sparse_out, sparse_lse) in runs:
+        assert_attention_close(dense_out, dense_lse, *case.expected(True), v_max)
+        assert_attention_close(sparse_out, sparse_lse, *sparse.expected(), sparse.max_abs_v())
+    for a, b, scale in zip(runs[0], runs[1], (v_max, sparse.max_abs_v())):
+        torch.testing.assert_close(a[0].float(), b[0].float(), atol=4e-3 * scale, rtol=4e-3)
+        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-5)
