@@ -503,7 +503,8 @@ def mla_sparse_decode(q, cache, indices, layout, softmax_scale=None, topk_length
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _load_kernels(impl).sparse_decode(q, raw, indices, topk_length, attn_sink, extra_raw,
                                       extra_indices, extra_topk_length, out, lse, layout.code,
-                                      scale, k_scale_t, workspace if impl in _CUDA_KERNELS else None)
+                                      scale, k_scale_t,
+                                      workspace if impl in _CUDA_KERNELS else None)
     return out, lse
 
 

@@ -160,10 +160,11 @@ struct Scratch {
 };
 
 // The split groups' partial softmax states: a split item computes straight into its slot (16-row
-// multiples, see StateRows), the group's merge reads them back. Fresh memory for them on every call (32 MiB at 8 requests x 8k tokens x 128 heads)
-// cost more in page faults than the attention itself (that shape: 38 -> 21 ms), so each calling
-// thread keeps one buffer across calls, grown to the largest need up to kRetainedPartialBytes;
-// a larger call (hundreds of long requests: far more work per byte) gets its own.
+// multiples, see StateRows), the group's merge reads them back. Fresh memory for them on every
+// call (32 MiB at 8 requests x 8k tokens x 128 heads) cost more in page faults than the
+// attention itself (that shape: 38 -> 21 ms), so each calling thread keeps one buffer across
+// calls, grown to the largest need up to kRetainedPartialBytes; a larger call (hundreds of long
+// requests: far more work per byte) gets its own.
 constexpr size_t kRetainedPartialBytes = size_t(64) << 20;
 
 StateRows& partial_states(size_t rows, StateRows& call_local) {

@@ -66,7 +66,6 @@ struct Warp {
   Group group;
   alignas(16) unsigned char in[32 * 64];
   alignas(16) unsigned char out[32 * 64];
-  size_t out_bytes = 0;
 };
 
 struct Emulator {
@@ -90,6 +89,12 @@ thread_local std::vector<std::pair<uintptr_t, uintptr_t>>* g_ranges = nullptr;  
 
 Emulator& emu() { return *g_emu; }
 Fiber& cur() { return emu().fibers[emu().current]; }
+
+// The thread's index in its block (x fastest); its warp is index / 32, its lane index % 32.
+int linear_tid(const ThreadState& st) {
+  return int(st.thread_idx.x +
+             st.block_dim.x * (st.thread_idx.y + st.block_dim.y * st.thread_idx.z));
+}
 
 void switch_to(int next) {
   Emulator& e = emu();
@@ -139,10 +144,7 @@ void exit_thread() {
   f.done = true;
   --e.live;
   ++e.progress;
-  const ThreadState& st = f.st;
-  const int tid = int(st.thread_idx.x + st.block_dim.x * (st.thread_idx.y + st.block_dim.y *
-                                                                              st.thread_idx.z));
-  Group& w = e.warps[tid / 32].group;
+  Group& w = e.warps[linear_tid(f.st) / 32].group;
   if (w.arrived > 0) abandon("a thread exited while lanes of its warp wait at a collective");
   --w.expected;
   // exited threads no longer hold up __syncthreads (as on the device)
@@ -217,9 +219,7 @@ void syncthreads() {
 void warp_collective(int kind, const void* in, size_t in_bytes, void* out, size_t out_bytes,
                      CollectiveOp op) {
   Emulator& e = emu();
-  const ThreadState& st = cur().st;
-  const int tid = int(st.thread_idx.x + st.block_dim.x * (st.thread_idx.y + st.block_dim.y *
-                                                                              st.thread_idx.z));
+  const int tid = linear_tid(cur().st);
   Warp& w = e.warps[tid / 32];
   const int lane = tid % 32;
   if (in_bytes > 64 || out_bytes > 64) abandon("warp collective operands over 64 bytes");

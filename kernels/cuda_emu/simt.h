@@ -45,7 +45,13 @@ char* dynamic_smem();
 void syncthreads();
 
 // Warp collective: every lane passes `in` (at most 64 bytes); the last lane to arrive runs
-// op(ins, outs) over the 32 lanes' operands, then each lane returns its own result.
+// op(ins, outs) over the 32 lanes' operands, then each lane returns its own result.  `kind`
+// tells the collectives apart (lanes of a warp at different kinds are an error).
+enum CollectiveKind : int {
+  kShuffle = 1,
+  kLdmatrix = 10,  // + 2 x matrices + transposed
+  kMma = 20,       // + 1 for fp16
+};
 using CollectiveOp = void (*)(const void* ins, void* outs);
 void warp_collective(int kind, const void* in, size_t in_bytes, void* out, size_t out_bytes,
                      CollectiveOp op);
@@ -79,7 +85,7 @@ T shfl_xor(T v, int lane_mask) {
   const In in{v, lane_mask};
   T out;
   warp_collective(
-      1, &in, sizeof(In), &out, sizeof(T), [](const void* ins, void* outs) {
+      kShuffle, &in, sizeof(In), &out, sizeof(T), [](const void* ins, void* outs) {
         const In* i = static_cast<const In*>(ins);
         T* o = static_cast<T*>(outs);
         for (int l = 0; l < 32; ++l) {

@@ -48,8 +48,8 @@ void ldmatrix(uint32_t* r, const void* p) {
   if (a % 16) simt::fail("ldmatrix: a row address is not 16-byte aligned");
   if (a < base) simt::fail("ldmatrix: a row address lies outside dynamic shared memory");
   uint32_t out[kMatrices];
-  simt::warp_collective(10 + kMatrices * 2 + kTrans, &p, sizeof(p), out, sizeof(out),
-                        &ldmatrix_op<kMatrices, kTrans>);
+  simt::warp_collective(simt::kLdmatrix + kMatrices * 2 + kTrans, &p, sizeof(p), out,
+                        sizeof(out), &ldmatrix_op<kMatrices, kTrans>);
   for (int i = 0; i < kMatrices; ++i) r[i] = out[i];
 }
 
@@ -118,8 +118,8 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
   detail::MmaIn in{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
   float out[4];
-  simt::warp_collective(20 + std::is_same_v<T, __half>, &in, sizeof(in), out, sizeof(out),
-                        &detail::mma_op<std::is_same_v<T, __nv_bfloat16>>);
+  simt::warp_collective(simt::kMma + std::is_same_v<T, __half>, &in, sizeof(in), out,
+                        sizeof(out), &detail::mma_op<std::is_same_v<T, __nv_bfloat16>>);
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
