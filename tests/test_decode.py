@@ -22,8 +22,10 @@ VARLEN = (0, 1, 37, 300, 129, 2)
 LAYOUT_CASES = [
     (L.BF16, 16, 16, 1, 1, False, 0), (L.BF16, 53, 64, 8, 2, True, 64),
     (L.BF16, 1, 3, 1, 4, True, 0),
-    # one head block over blocks of >= 64 tokens: K and V read in place (AMX streaming path)
+    # one head block over blocks of >= 64 tokens: K and V read in place (AMX streaming path);
+    # over blocks of 16 / 32 / 48 tokens, each 16-token tile in place from its own block
     (L.BF16, 128, 16, 1, 1, False, 0), (L.BF16, 64, 4, 1, 3, True, 0),
+    (L.BF16, 48, 16, 1, 2, True, 0), (L.BF16, 32, 8, 1, 1, False, 64),
     (L.FP16, 2, 16, 2, 3, True, 0), (L.FP16, 69, 128, 1, 1, False, 0),
     (L.FP8, 64, 16, 1, 1, False, 0), (L.FP8, 16, 128, 8, 2, True, 32),
     (L.V32_FP8, 64, 64, 1, 1, False, 0), (L.V32_FP8, 576, 16, 1, 2, True, 656),

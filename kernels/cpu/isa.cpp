@@ -36,7 +36,9 @@ Isa detect() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512bf16");
   if (!avx512) return Isa::kAvx2;
-  const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+  // every AMX CPU has AVX512-VBMI (the AMX table's FP8 decoder uses it); checked all the same
+  const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                   __builtin_cpu_supports("avx512vbmi");
   return amx && request_amx_permission() ? Isa::kAmx : Isa::kAvx512Bf16;
 }
 #else

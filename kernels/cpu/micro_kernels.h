@@ -39,6 +39,15 @@ inline float exp2_flushed(float x) { return x < kExp2Floor ? 0.f : std::exp2(x);
 
 enum class OutDtype { kBf16, kFp16, kFp32 };
 
+// A chunk's K rows in bf16: row 16 t + i at tile[t] + i * stride (elements). The rows of one
+// 16-token tile are evenly spaced, tiles are independent: the chunk's own decoded copy, or a
+// BF16 cache read in place, one block (any block size that is a multiple of 16) per tile.
+struct KRows {
+  const uint16_t* tile[4];
+  int64_t stride;
+  const uint16_t* row(int j) const { return tile[j >> 4] + int64_t(j & 15) * stride; }
+};
+
 struct MicroKernels {
   // float32 compute: K rows decoded to float (FP8: unscaled e4m3, the per-tensor scale is
   // folded into the logits and the output); invalid tokens become zero rows.
@@ -51,16 +60,18 @@ struct MicroKernels {
   // kernel's own order (q [M][D] -> packed, M rounded up to 16); P and acc hold that many rows.
   // Every bf16 kernel advances `pf` (the next chunk's prefetch) a step per inner iteration.
   void (*pack_q_bf16)(const uint16_t* q, int m, int d, uint16_t* packed);
+  // (vp nullptr: K rows only.)
   void (*load_bf16)(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k, uint16_t* vp,
                     PrefetchQueue* pf);
-  // BF16 caches whose chunk rows are all valid and evenly spaced skip the K copy: only V is
-  // packed, straight from the cache, and the scores read K rows in place (k_stride elements).
+  // BF16 caches whose chunk rows are all valid and evenly spaced within each 16-token tile skip
+  // the K copy: V alone is packed (when packed), straight from the cache, and the scores read
+  // K rows in place.
   void (*pack_v_bf16)(const TokenRef* refs, int n, uint16_t* vp, PrefetchQueue* pf);
-  // One chunk in bf16: s = Q.K^T (K rows k_stride elements apart), the online softmax (as
-  // `softmax`), acc += P.V. s [M][N] floats and p16 [M][N] bf16 are scratch. With
-  // `pv_from_k_rows`, vp may be nullptr: P.V then reads V from the K rows as they are (no
-  // chunk-sized repacking; worth it for one block of heads).
-  void (*attend_bf16)(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n, int d,
+  // One chunk in bf16: s = Q.K^T, the online softmax (as `softmax`), acc += P.V. s [M][N]
+  // floats and p16 [M][N] bf16 are scratch. With `pv_from_k_rows`, vp may be nullptr: P.V then
+  // reads V from the K rows as they are (no chunk-sized repacking; worth it for one block of
+  // heads).
+  void (*attend_bf16)(const uint16_t* q, int m, const KRows& k, int n, int d,
                       const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
                       const uint16_t* vp, float* s, uint16_t* p16, PrefetchQueue* pf);
 

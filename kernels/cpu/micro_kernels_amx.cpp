@@ -8,7 +8,8 @@
 #include "cpu/micro_kernels.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")
+#pragma GCC target(\
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma,f16c,amx-tile,amx-bf16")
 #include "cpu/micro_kernels_avx512_impl.h"
 
 namespace vllm_mla::cpu::amx {
@@ -39,21 +40,21 @@ constexpr int kTokens = 4 * kTile;  // a chunk: four token tiles
 
 // S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
 // accumulator tiles, so consecutive tile products do not wait on each other).
-static void scores_t(const uint16_t* qb, const uint16_t* k, int64_t k_stride, int d,
-                     float (*st)[kTile], PrefetchQueue* pf) {
-  const int64_t kstride = k_stride * 2;  // bytes
+static void scores_t(const uint16_t* qb, const KRows& k, int d, float (*st)[kTile],
+                     PrefetchQueue* pf) {
+  const int64_t kstride = k.stride * 2;  // bytes
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int i = 0; i < d; i += 32, pf->step()) {
     _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
-    _tile_loadd(5, k + i, kstride);
-    _tile_loadd(6, k + kTile * k_stride + i, kstride);
-    _tile_loadd(7, k + 2 * kTile * k_stride + i, kstride);
+    _tile_loadd(5, k.tile[0] + i, kstride);
+    _tile_loadd(6, k.tile[1] + i, kstride);
+    _tile_loadd(7, k.tile[2] + i, kstride);
     _tile_dpbf16ps(0, 5, 4);
     _tile_dpbf16ps(1, 6, 4);
-    _tile_loadd(5, k + 3 * kTile * k_stride + i, kstride);
+    _tile_loadd(5, k.tile[3] + i, kstride);
     _tile_dpbf16ps(2, 7, 4);
     _tile_dpbf16ps(3, 5, 4);
   }
@@ -214,21 +215,20 @@ static void p_row_tiles(const uint16_t* p, uint32_t (*a)[2][kTile][kTile]) {
   }
 }
 
-// acc[h][:] += P[h][:] . V with V the first kDV columns of the chunk's K rows (k_stride
-// elements apart), read as they are: per 16-token tile and 32-column block, one B tile of raw
+// acc[h][:] += P[h][:] . V with V the first kDV columns of the chunk's K rows, read as they are: per 16-token tile and 32-column block, one B tile of raw
 // rows times the two A tiles of p_row_tiles gives the block's even and odd columns (the bf16
 // accumulator order). Two column blocks at a time: four independent accumulators.
-static void pv_block_rows(const uint32_t (*a)[2][kTile][kTile], const uint16_t* k,
-                          int64_t k_stride, float* acc) {
+static void pv_block_rows(const uint32_t (*a)[2][kTile][kTile], const KRows& k, float* acc,
+                          PrefetchQueue* pf) {
   constexpr int64_t kAccStride = int64_t(kDV) * 4;
-  const int64_t kstride = k_stride * 2;  // bytes
-  for (int c = 0; c < kDV; c += 4 * kTile) {
+  const int64_t kstride = k.stride * 2;  // bytes
+  for (int c = 0; c < kDV; c += 4 * kTile, pf->step(), pf->step()) {
     _tile_loadd(0, acc + c, kAccStride);
     _tile_loadd(1, acc + c + kTile, kAccStride);
     _tile_loadd(2, acc + c + 2 * kTile, kAccStride);
     _tile_loadd(3, acc + c + 3 * kTile, kAccStride);
     for (int t = 0; t < kTokens / kTile; ++t) {
-      const uint16_t* rows = k + int64_t(t) * kTile * k_stride + c;
+      const uint16_t* rows = k.tile[t] + c;
       _tile_loadd(4, rows, kstride);
       _tile_loadd(5, rows + 2 * kTile, kstride);
       _tile_loadd(6, a[t][0], 64);
@@ -245,18 +245,122 @@ static void pv_block_rows(const uint32_t (*a)[2][kTile][kTile], const uint16_t* 
   }
 }
 
+// e4m3 -> bf16 by byte tables (AVX512-VBMI, which every AMX CPU has): a 7-bit magnitude indexes
+// a 128-byte table of the bf16 low bytes and one of the high bytes (vpermi2b), the sign goes
+// into the high byte, and one more byte permute per 32 outputs interleaves them into words:
+// 5 instructions per 64 values, against 22 for the shift-and-fix-up of avx512::e4m3_to_bf16.
+// A power-of-two multiplier 2^k is exact on the tables: the table of parity k & 1 (values
+// times 2^(k & 1)), with (k - (k & 1)) / 2 added to the high bytes of the finite non-zero
+// entries, i.e. k added to the bf16 exponent field (in range for |k| <= 100).
+struct E4m3ByteTables {
+  alignas(64) uint8_t lo[2][128], hi[2][128];
+  E4m3ByteTables() {
+    for (int parity = 0; parity < 2; ++parity)
+      for (int i = 0; i < 128; ++i) {
+        const uint16_t bits = float_to_bf16(e4m3_to_float(uint8_t(i)) * float(1 + parity));
+        lo[parity][i] = uint8_t(bits & 0xff);
+        hi[parity][i] = uint8_t(bits >> 8);
+      }
+  }
+};
+
+class E4m3Decoder {
+ public:
+  explicit E4m3Decoder(int k) {
+    static const E4m3ByteTables tables;
+    const int parity = k & 1;
+    const __m512i adj = _mm512_set1_epi8(int8_t((k - parity) / 2));
+    lo0_ = _mm512_load_si512(tables.lo[parity]);
+    lo1_ = _mm512_load_si512(tables.lo[parity] + 64);
+    const __m512i hi0 = _mm512_load_si512(tables.hi[parity]);
+    const __m512i hi1 = _mm512_load_si512(tables.hi[parity] + 64);
+    hi0_ = _mm512_mask_add_epi8(hi0, ~__mmask64(1), hi0, adj);       // entry 0: zero
+    hi1_ = _mm512_mask_add_epi8(hi1, ~(__mmask64(1) << 63), hi1, adj);  // entry 127: NaN
+  }
+  // 64 e4m3 -> 64 bf16
+  void operator()(const uint8_t* src, uint16_t* dst) const {
+    const __m512i first = _mm512_set_epi8(
+        95, 31, 94, 30, 93, 29, 92, 28, 91, 27, 90, 26, 89, 25, 88, 24, 87, 23, 86, 22, 85, 21,
+        84, 20, 83, 19, 82, 18, 81, 17, 80, 16, 79, 15, 78, 14, 77, 13, 76, 12, 75, 11, 74, 10,
+        73, 9, 72, 8, 71, 7, 70, 6, 69, 5, 68, 4, 67, 3, 66, 2, 65, 1, 64, 0);
+    const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi8(32));
+    const __m512i b = _mm512_loadu_si512(src);
+    const __m512i lo = _mm512_permutex2var_epi8(lo0_, b, lo1_);
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0_, b, hi1_), b,
+                                                 _mm512_set1_epi8(int8_t(0x80)), 0xf8);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi8(lo, first, hi));
+    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi8(lo, second, hi));
+  }
+
+ private:
+  __m512i lo0_, lo1_, hi0_, hi1_;
+};
+
+// The exponent k of a power-of-two multiplier the tables take, or a value outside [-100, 100].
+static inline int pow2_exponent(float scale) {
+  const uint32_t bits = float_to_bits(scale);
+  return (bits & 0x807fffffu) == 0 ? int((bits >> 23) & 0xff) - 127 : 1000;
+}
+
+// avx512::decode_token_bf16 with the table decoder for the FP8 layouts' power-of-two scales.
+static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
+  const uint8_t* p = ref.data;
+  if (!p) return avx512::decode_token_bf16(layout, d, ref, k);
+  switch (layout) {
+    case Layout::FP8: {
+      const E4m3Decoder decode(0);
+      for (int i = 0; i < d; i += 64) decode(p + i, k + i);
+      return;
+    }
+    case Layout::V32_FP8: {
+      int e[4];
+      for (int t = 0; t < 4; ++t) {
+        e[t] = pow2_exponent(v32_tile_scale(p, t));
+        if (e[t] < -100 || e[t] > 100) return avx512::decode_token_bf16(layout, d, ref, k);
+      }
+      for (int t = 0; t < 4; ++t) {
+        const E4m3Decoder decode(e[t]);
+        decode(p + t * kV32Tile, k + t * kV32Tile);
+        decode(p + t * kV32Tile + 64, k + t * kV32Tile + 64);
+      }
+      avx512::copy_u16(p + kV32RopeOffset, kDRope, k + 512);
+      return;
+    }
+    case Layout::MODEL1_FP8: {
+      for (int t = 0; t < kModel1NumTiles; ++t) {
+        const uint8_t s = ref.scale[t];
+        if (s < 27 || s > 227) {  // out of the tables' range (NaN and 2^-127 included)
+          avx512::e4m3_to_bf16(p + t * kModel1Tile, kModel1Tile, ue8m0_to_float(s),
+                               k + t * kModel1Tile);
+        } else {
+          E4m3Decoder(int(s) - 127)(p + t * kModel1Tile, k + t * kModel1Tile);
+        }
+      }
+      avx512::copy_u16(p + kModel1DNope, kDRope, k + kModel1DNope);
+      return;
+    }
+    default:
+      return avx512::decode_token_bf16(layout, d, ref, k);
+  }
+}
+
+static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
+                      uint16_t* vp, PrefetchQueue* pf) {
+  avx512::load_bf16_with<decode_token_bf16>(layout, d, refs, n, k, vp, pf);
+}
+
 // One chunk of n = 64 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
 // acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
-static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_stride, int n, int d,
-                   const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
-                   const uint16_t* vp, float* /*s*/, uint16_t* /*p16*/, PrefetchQueue* pf) {
+static void attend(const uint16_t* qp, int m, const KRows& k, int n, int d, const uint8_t* valid,
+                   const int* row_len, float scale2, SoftmaxState st, const uint16_t* vp,
+                   float* /*s*/, uint16_t* /*p16*/, PrefetchQueue* pf) {
   configure_tiles();
   uint64_t valid_bits = 0;
   for (int j = 0; j < n; ++j) valid_bits |= uint64_t(valid[j] != 0) << j;
   alignas(64) float s_t[kTokens][kTile];
   alignas(64) uint16_t p[2][kTile][2 * kTile];
   for (int b0 = 0; b0 < m; b0 += kTile) {
-    scores_t(qp + int64_t(b0) * d, k, k_stride, d, s_t, pf);
+    scores_t(qp + int64_t(b0) * d, k, d, s_t, pf);
     softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
               st.acc + int64_t(b0) * kDV, st.peak2 + b0, p[0][0]);
     if (vp) {
@@ -264,7 +368,7 @@ static void attend(const uint16_t* qp, int m, const uint16_t* k, int64_t k_strid
     } else {
       alignas(64) uint32_t a[kTokens / kTile][2][kTile][kTile];
       p_row_tiles(p[0][0], a);
-      pv_block_rows(a, k, k_stride, st.acc + int64_t(b0) * kDV);
+      pv_block_rows(a, k, st.acc + int64_t(b0) * kDV, pf);
     }
   }
 }
@@ -277,7 +381,7 @@ namespace vllm_mla::cpu {
 const MicroKernels& micro_kernels_amx() {
   const MicroKernels& base = micro_kernels_avx512();
   static const MicroKernels k{base.load_f32,   base.scores_f32,   base.pv_f32,
-                              amx::pack_q,     avx512::load_bf16, avx512::pack_v_bf16,
+                              amx::pack_q,     amx::load_bf16,    avx512::pack_v_bf16,
                               amx::attend,     avx512::softmax,   avx512::store_out,
                               /*pv_from_k_rows=*/true};
   return k;

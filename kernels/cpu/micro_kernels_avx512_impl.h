@@ -152,18 +152,24 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
   for (int64_t i = 0; i < int64_t(m) * d; ++i) packed[i] = q[i];
 }
 
-static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
-                      uint16_t* vp, PrefetchQueue* pf) {
+// load_bf16 with the token decoder as a parameter (the AMX table has a faster FP8 one).
+template <void (*Decode)(Layout, int, TokenRef, uint16_t*)>
+static void load_bf16_with(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
+                           uint16_t* vp, PrefetchQueue* pf) {
   for (int j = 0; j < n; j += 2, pf->step()) {  // each pair packed while its rows are in L1
-    decode_token_bf16(layout, d, refs[j], k + int64_t(j) * d);
-    decode_token_bf16(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
-    pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
+    Decode(layout, d, refs[j], k + int64_t(j) * d);
+    Decode(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
+    if (vp) pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
   }
 }
 
+static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
+                      uint16_t* vp, PrefetchQueue* pf) {
+  load_bf16_with<decode_token_bf16>(layout, d, refs, n, k, vp, pf);
+}
+
 // s[r][j] = q[r] . k[j]; 4 heads x 4 tokens per register block (d multiple of 32, n of 4).
-static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
-                        int d, float* s) {
+static void scores_bf16(const uint16_t* q, int m, const KRows& k, int n, int d, float* s) {
   for (int r0 = 0; r0 < m; r0 += 4) {
     const int rn = m - r0 < 4 ? m - r0 : 4;
     for (int j0 = 0; j0 < n; j0 += 4) {
@@ -173,7 +179,7 @@ static void scores_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_s
       for (int i = 0; i < d; i += 32) {
         __m512bh kv[4];
         for (int b = 0; b < 4; ++b)
-          kv[b] = (__m512bh)_mm512_loadu_si512(k + (j0 + b) * k_stride + i);
+          kv[b] = (__m512bh)_mm512_loadu_si512(k.row(j0 + b) + i);
         for (int a = 0; a < 4; ++a) {
           const __m512bh qv =
               (__m512bh)_mm512_loadu_si512(q + int64_t(r0 + (a < rn ? a : 0)) * d + i);
@@ -293,11 +299,11 @@ static void store_out(const float* acc, bool bf16_order, float mult, OutDtype dt
   }
 }
 
-static void attend_bf16(const uint16_t* q, int m, const uint16_t* k, int64_t k_stride, int n,
-                        int d, const uint8_t* valid, const int* row_len, float scale2,
-                        SoftmaxState st, const uint16_t* vp, float* s, uint16_t* p16,
+static void attend_bf16(const uint16_t* q, int m, const KRows& k, int n, int d,
+                        const uint8_t* valid, const int* row_len, float scale2, SoftmaxState st,
+                        const uint16_t* vp, float* s, uint16_t* p16,
                         PrefetchQueue* /*pf: the caller drains it*/) {
-  scores_bf16(q, m, k, k_stride, n, d, s);
+  scores_bf16(q, m, k, n, d, s);
   softmax(s, m, n, valid, row_len, scale2, st, p16);
   pv_bf16(p16, m, n, vp, st.acc);
 }
