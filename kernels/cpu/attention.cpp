@@ -337,7 +337,8 @@ class Runner {
       }
       // One block of heads reads V from the K rows as they are, in the cache or in the chunk's
       // decoded copy (no V packing: the tile unit has room for the doubled P.V products at 16
-      // heads, the vector units have none for the packing: FP8 5-10% faster, BF16 copies 10%).
+      // heads, the vector units have none for the packing: FP8 2-9% faster, BF16 copies up to
+      // 10%, same-process A/B).
       // A BF16 chunk read in place by it leaves the streaming to the hardware prefetcher, which
       // does better there than software prefetches holding the line-fill buffers the tile loads
       // need (10-15% faster at 16 heads). With more heads, V packed while the rows are in L1

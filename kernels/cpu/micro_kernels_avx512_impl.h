@@ -159,7 +159,8 @@ static void load_bf16_with(Layout layout, int d, const TokenRef* refs, int n, ui
   for (int j = 0; j < n; j += 2, pf->step()) {  // each pair packed while its rows are in L1
     Decode(layout, d, refs[j], k + int64_t(j) * d);
     Decode(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
-    if (vp) pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
+    if (vp)
+      pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
   }
 }
 
