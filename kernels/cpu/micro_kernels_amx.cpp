@@ -39,32 +39,6 @@ static inline void configure_tiles() {
 
 constexpr int kTokens = 4 * kTile;  // a chunk: four token tiles
 
-// S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
-// accumulator tiles, so consecutive tile products do not wait on each other).
-static void scores_t(const uint16_t* qb, const KRows& k, int d, float (*st)[kTile],
-                     PrefetchQueue* pf) {
-  const int64_t kstride = k.stride * 2;  // bytes
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int i = 0; i < d; i += 32, pf->step()) {
-    _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
-    _tile_loadd(5, k.tile[0] + i, kstride);
-    _tile_loadd(6, k.tile[1] + i, kstride);
-    _tile_loadd(7, k.tile[2] + i, kstride);
-    _tile_dpbf16ps(0, 5, 4);
-    _tile_dpbf16ps(1, 6, 4);
-    _tile_loadd(5, k.tile[3] + i, kstride);
-    _tile_dpbf16ps(2, 7, 4);
-    _tile_dpbf16ps(3, 5, 4);
-  }
-  _tile_stored(0, st[0], 64);
-  _tile_stored(1, st[kTile], 64);
-  _tile_stored(2, st[2 * kTile], 64);
-  _tile_stored(3, st[3 * kTile], 64);
-}
-
 // r[i] (16 lanes) -> r[i][h] moved to row h, lane i (a 16 x 16 transpose of 32-bit elements).
 static inline void transpose16x16(__m512i r[16]) {
   __m512i t[16];
@@ -114,71 +88,148 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 // the P.V product. Same rules as avx512::softmax, with lazy rescaling: a row's reference max2
 // moves (and its acc is rescaled) only when the chunk's max exceeds it by more than
 // kRescaleSlack. Lanes past `rows` stay untouched and give zero P rows.
-static void softmax_t(float (*st)[kTile], int rows, uint64_t valid_bits, const int* row_len,
-                      float scale2, float* max2, float* sum, float* acc, float* peak2,
-                      uint16_t* p) {
-  const __mmask16 lanes = rows >= kTile ? 0xffff : __mmask16((1u << rows) - 1u);
-  const __m512i len = _mm512_maskz_loadu_epi32(lanes, row_len);
-  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), scale = _mm512_set1_ps(scale2);
-  __mmask16 use[kTokens];
-  __m512 mx = neg_inf;
-  for (int j = 0; j < kTokens; ++j) {
-    use[j] = (valid_bits >> j) & 1u
-                 ? _mm512_mask_cmpgt_epi32_mask(lanes, len, _mm512_set1_epi32(j))
-                 : __mmask16(0);
-    mx = _mm512_mask_max_ps(mx, use[j], mx, _mm512_mul_ps(_mm512_load_ps(st[j]), scale));
-  }
-  const __m512 old = _mm512_mask_loadu_ps(neg_inf, lanes, max2);
-  _mm512_mask_storeu_ps(peak2, lanes,
-                        _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes, peak2), mx));
-  // the reference moves to the chunk's max past the slack (unordered: a NaN max moves it too,
-  // and propagates as before); -inf + slack is -inf, so a row's first tokens always move it
-  const __mmask16 move = _mm512_cmp_ps_mask(
-      mx, _mm512_add_ps(old, _mm512_set1_ps(kRescaleSlack)), _CMP_NLE_UQ);
-  const __m512 top = _mm512_mask_mov_ps(old, move, mx);
-  const __mmask16 live = _mm512_cmp_ps_mask(top, neg_inf, _CMP_NEQ_OQ);
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                              17, 1, 16, 0);
-  __m512 total = _mm512_setzero_ps();
-  for (int t = 0; t < kTokens; t += 2 * kTile) {
-    __m512i pairs[kTile];  // lane h of pairs[i]: (p[h][t + 2i], p[h][t + 2i + 1]) in bf16
-    for (int i = 0; i < kTile; ++i) {
-      const int j = t + 2 * i;
-      const __m512 p0 = _mm512_maskz_mov_ps(
-          use[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j]), scale), top)));
-      const __m512 p1 = _mm512_maskz_mov_ps(
-          use[j + 1],
-          exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st[j + 1]), scale), top)));
-      total = _mm512_add_ps(_mm512_add_ps(total, p0), p1);
-      pairs[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+//
+// In steps (step() / finish()), so that with several head blocks the softmax of one block runs
+// between the tile products of the next block's scores: the tile unit works asynchronously, and
+// vector work interleaved with its instructions at a fine grain (about 100 ns per 4 products
+// here) costs nothing, where one block of it after the products would wait for them.
+class SoftmaxT {
+ public:
+  SoftmaxT(float (*st)[kTile], int rows, uint64_t valid_bits, const int* row_len, float scale2,
+           float* max2, float* sum, float* acc, float* peak2, uint16_t* p)
+      : st_(st), rows_(rows), valid_bits_(valid_bits), row_len_(row_len), scale2_(scale2),
+        max2_(max2), sum_(sum), acc_(acc), peak2_(peak2), p_(p) {}
+
+  // Units of work: the chunk's max, the 32 token pairs, the state update.
+  static constexpr int kUnits = 1 + kTokens / 2 + 1;
+  void step(int units = 2) {
+    for (int u = 0; u < units && next_ < kUnits; ++u, ++next_) {
+      if (next_ == 0) {
+        chunk_max();
+      } else if (next_ <= kTokens / 2) {
+        token_pair(next_ - 1);
+      } else {
+        update_state();
+      }
     }
-    transpose16x16(pairs);
-    uint16_t* tile = p + t * kTile;
-    for (int h = 0; h < kTile; ++h) _mm512_store_si512(tile + h * 2 * kTile, pairs[h]);
   }
-  const __mmask16 seen = _mm512_cmp_ps_mask(old, neg_inf, _CMP_NEQ_OQ);
-  const __m512 alpha = _mm512_mask_mov_ps(  // 1: kept; 0: nothing seen before
-      _mm512_set1_ps(1.f), move, _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old, top))));
-  _mm512_mask_storeu_ps(sum, live,
-                        _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, sum), alpha),
-                                      total));
-  _mm512_mask_storeu_ps(max2, live, top);
-  alignas(64) float a[kTile];
-  _mm512_store_ps(a, alpha);
-  // rows seeing their first tokens keep acc as it is: zero so far, nothing to rescale
-  for (uint32_t moved = _mm512_mask_cmp_ps_mask(live & seen, alpha, _mm512_set1_ps(1.f),
-                                                _CMP_NEQ_UQ);
-       moved; moved &= moved - 1) {
-    const int h = __builtin_ctz(moved);
-    float* o = acc + int64_t(h) * kDV;
-    const __m512 f = _mm512_set1_ps(a[h]);
-    for (int i = 0; i < kDV; i += 16) _mm512_store_ps(o + i, _mm512_mul_ps(_mm512_load_ps(o + i), f));
+  void finish() { step(kUnits); }
+
+ private:
+  void chunk_max() {
+    lanes_ = rows_ >= kTile ? 0xffff : __mmask16((1u << rows_) - 1u);
+    const __m512i len = _mm512_maskz_loadu_epi32(lanes_, row_len_);
+    const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), scale = _mm512_set1_ps(scale2_);
+    __m512 mx = neg_inf;
+    for (int j = 0; j < kTokens; ++j) {
+      use_[j] = (valid_bits_ >> j) & 1u
+                    ? _mm512_mask_cmpgt_epi32_mask(lanes_, len, _mm512_set1_epi32(j))
+                    : __mmask16(0);
+      mx = _mm512_mask_max_ps(mx, use_[j], mx, _mm512_mul_ps(_mm512_load_ps(st_[j]), scale));
+    }
+    old_ = _mm512_mask_loadu_ps(neg_inf, lanes_, max2_);
+    _mm512_mask_storeu_ps(peak2_, lanes_,
+                          _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes_, peak2_), mx));
+    // the reference moves to the chunk's max past the slack (unordered: a NaN max moves it
+    // too, and propagates as before); -inf + slack is -inf, so a row's first tokens always
+    // move it
+    move_ = _mm512_cmp_ps_mask(mx, _mm512_add_ps(old_, _mm512_set1_ps(kRescaleSlack)),
+                               _CMP_NLE_UQ);
+    top_ = _mm512_mask_mov_ps(old_, move_, mx);
+    total_ = _mm512_setzero_ps();
   }
+
+  // Tokens 2i and 2i + 1: lane h of pairs_[i % 16] holds (p[h][2i], p[h][2i + 1]) in bf16; the
+  // 16 pairs of a half are transposed into its A tile when complete.
+  void token_pair(int i) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                18, 2, 17, 1, 16, 0);
+    const __m512 scale = _mm512_set1_ps(scale2_);
+    const int j = 2 * i;
+    const __m512 p0 = _mm512_maskz_mov_ps(
+        use_[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st_[j]), scale), top_)));
+    const __m512 p1 = _mm512_maskz_mov_ps(
+        use_[j + 1],
+        exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st_[j + 1]), scale), top_)));
+    total_ = _mm512_add_ps(_mm512_add_ps(total_, p0), p1);
+    pairs_[i % kTile] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    if (i % kTile == kTile - 1) {
+      transpose16x16(pairs_);
+      uint16_t* tile = p_ + (i / kTile) * 2 * kTile * kTile;
+      for (int h = 0; h < kTile; ++h) _mm512_store_si512(tile + h * 2 * kTile, pairs_[h]);
+    }
+  }
+
+  void update_state() {
+    const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+    const __mmask16 live = _mm512_cmp_ps_mask(top_, neg_inf, _CMP_NEQ_OQ);
+    const __mmask16 seen = _mm512_cmp_ps_mask(old_, neg_inf, _CMP_NEQ_OQ);
+    const __m512 alpha = _mm512_mask_mov_ps(  // 1: kept; 0: nothing seen before
+        _mm512_set1_ps(1.f), move_,
+        _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_sub_ps(old_, top_))));
+    _mm512_mask_storeu_ps(sum_, live,
+                          _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes_, sum_), alpha),
+                                        total_));
+    _mm512_mask_storeu_ps(max2_, live, top_);
+    alignas(64) float a[kTile];
+    _mm512_store_ps(a, alpha);
+    // rows seeing their first tokens keep acc as it is: zero so far, nothing to rescale
+    for (uint32_t moved = _mm512_mask_cmp_ps_mask(live & seen, alpha, _mm512_set1_ps(1.f),
+                                                  _CMP_NEQ_UQ);
+         moved; moved &= moved - 1) {
+      const int h = __builtin_ctz(moved);
+      float* o = acc_ + int64_t(h) * kDV;
+      const __m512 f = _mm512_set1_ps(a[h]);
+      for (int c = 0; c < kDV; c += 16)
+        _mm512_store_ps(o + c, _mm512_mul_ps(_mm512_load_ps(o + c), f));
+    }
+  }
+
+  float (*st_)[kTile];
+  int rows_;
+  uint64_t valid_bits_;
+  const int* row_len_;
+  float scale2_;
+  float *max2_, *sum_, *acc_, *peak2_;
+  uint16_t* p_;
+  int next_ = 0;
+  __mmask16 lanes_ = 0, move_ = 0;
+  __mmask16 use_[kTokens];
+  __m512 old_, top_, total_;
+  __m512i pairs_[kTile];
+};
+
+// S^T of one block of 16 heads against a chunk: st[j][h] = q[h] . k[j] (four independent
+// accumulator tiles, so consecutive tile products do not wait on each other). `overlap`: the
+// previous block's softmax, stepped between the products.
+static void scores_t(const uint16_t* qb, const KRows& k, int d, float (*st)[kTile],
+                     PrefetchQueue* pf, SoftmaxT* overlap = nullptr) {
+  const int64_t kstride = k.stride * 2;  // bytes
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int i = 0; i < d; i += 32, pf->step()) {
+    _tile_loadd(4, qb + int64_t(i / 2) * 2 * kTile, 64);
+    _tile_loadd(5, k.tile[0] + i, kstride);
+    _tile_loadd(6, k.tile[1] + i, kstride);
+    _tile_loadd(7, k.tile[2] + i, kstride);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_dpbf16ps(1, 6, 4);
+    _tile_loadd(5, k.tile[3] + i, kstride);
+    _tile_dpbf16ps(2, 7, 4);
+    _tile_dpbf16ps(3, 5, 4);
+    if (overlap) overlap->step();
+  }
+  _tile_stored(0, st[0], 64);
+  _tile_stored(1, st[kTile], 64);
+  _tile_stored(2, st[2 * kTile], 64);
+  _tile_stored(3, st[3 * kTile], 64);
 }
 
 // acc[h][:] += p[h][:] . v for one block of 16 heads and a chunk (v as token pairs, p as the
-// two tiles of softmax_t): each accumulator tile is loaded and stored once per chunk.
+// two tiles of SoftmaxT): each accumulator tile is loaded and stored once per chunk.
 static void pv_block(const uint16_t* p, const uint16_t* vp, float* acc, PrefetchQueue* pf) {
   constexpr int64_t kAccStride = int64_t(kDV) * 4, kVpStride = int64_t(kDV) * 4;
   const uint16_t* vp_hi = vp + int64_t(kTile) * kDV * 2;  // token pairs 16..31
@@ -353,19 +404,23 @@ static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_
 }
 
 // One chunk of n = 64 tokens, head block by head block: S^T tiles, the softmax on them, P.V.
-// acc (and the softmax state) must be 64-byte aligned with rows up to a multiple of 16.
+// The scores of block b + 1 are computed before block b's softmax, which runs between their
+// tile products (SoftmaxT), and its P.V follows. acc (and the softmax state) must be 64-byte
+// aligned with rows up to a multiple of 16.
 static void attend(const uint16_t* qp, int m, const KRows& k, int n, int d, const uint8_t* valid,
                    const int* row_len, float scale2, SoftmaxState st, const uint16_t* vp,
                    float* /*s*/, uint16_t* /*p16*/, PrefetchQueue* pf) {
   configure_tiles();
   uint64_t valid_bits = 0;
   for (int j = 0; j < n; ++j) valid_bits |= uint64_t(valid[j] != 0) << j;
-  alignas(64) float s_t[kTokens][kTile];
+  alignas(64) float s_t[2][kTokens][kTile];  // of blocks b and b + 1
   alignas(64) uint16_t p[2][kTile][2 * kTile];
-  for (int b0 = 0; b0 < m; b0 += kTile) {
-    scores_t(qp + int64_t(b0) * d, k, d, s_t, pf);
-    softmax_t(s_t, m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0, st.sum + b0,
-              st.acc + int64_t(b0) * kDV, st.peak2 + b0, p[0][0]);
+  scores_t(qp, k, d, s_t[0], pf);
+  for (int b0 = 0, cur = 0; b0 < m; b0 += kTile, cur ^= 1) {
+    SoftmaxT softmax(s_t[cur], m - b0, valid_bits, row_len + b0, scale2, st.max2 + b0,
+                     st.sum + b0, st.acc + int64_t(b0) * kDV, st.peak2 + b0, p[0][0]);
+    if (b0 + kTile < m) scores_t(qp + int64_t(b0 + kTile) * d, k, d, s_t[cur ^ 1], pf, &softmax);
+    softmax.finish();
     if (vp) {
       pv_block(p[0][0], vp, st.acc + int64_t(b0) * kDV, pf);
     } else {
