@@ -24,11 +24,25 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Tokens per split: a function of the total work only (deterministic), small enough that a
-// single long request spreads over every core, large enough to amortize the merge.
-int64_t split_tokens(int64_t total_tokens) {
-  const int64_t target = (total_tokens / 128 + 255) / 256 * 256;
-  return std::clamp<int64_t>(target, 256, 8192);
+// Fewer threads for small problems: below this many (query row x token) products per thread a
+// fork / join costs more than the thread saves (and on a shared machine far more).
+constexpr int64_t kMinRowTokensPerThread = 32768;
+
+// The most threads the work of `total_tokens` x `rows` takes (at::get_num_threads() caps it).
+int64_t workers_for(int64_t total_tokens, int rows) {
+  return std::max<int64_t>(1, total_tokens * rows / kMinRowTokensPerThread);
+}
+
+// Tokens per split: a function of the work only (deterministic: the same splits, so the same
+// result, at any thread count), small enough that a single long request spreads over every core,
+// large enough to amortize the merge, and no more than two splits per worker the work takes
+// (few rows over short contexts: each split costs a merge and a cold start; 4q1s2k h16 was
+// split into 32 items for at most 4 workers).
+int64_t split_tokens(int64_t total_tokens, int rows) {
+  const int64_t for_cores = (total_tokens / 128 + 255) / 256 * 256;
+  const int64_t halves = 2 * workers_for(total_tokens, rows);
+  const int64_t per_worker = (total_tokens / halves + 255) / 256 * 256;
+  return std::clamp<int64_t>(std::max(for_cores, per_worker), 256, 8192);
 }
 
 bool computes_in_bf16(const AttentionParams& p, Isa isa) {
@@ -94,10 +108,6 @@ struct WorkItem {
   int64_t partial;  // row offset of the split's partial state, -1 for a group of one split
   int64_t merge;    // index of the group's merge, -1 for a group of one split
 };
-
-// Fewer threads for small problems: below this many (query row x token) products per thread a
-// fork / join costs more than the thread saves (and on a shared machine far more).
-constexpr int64_t kMinRowTokensPerThread = 32768;
 
 int round16(int m) { return (m + 15) / 16 * 16; }
 
@@ -195,7 +205,7 @@ class Runner {
     const int64_t groups = task_.num_groups();
     int64_t total = 0;
     for (int64_t g = 0; g < groups; ++g) total += task_.num_tokens(g);
-    const int64_t split = split_tokens(total);
+    const int64_t split = split_tokens(total, p_.rows);
     std::vector<WorkItem> items;
     struct Merge { int64_t group, first, count; };  // the items of a split group
     std::vector<Merge> merges;
@@ -218,7 +228,7 @@ class Runner {
     // split order, so the result does not depend on which thread it is).
     std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
     for (size_t i = 0; i < merges.size(); ++i) pending[i].store(merges[i].count);
-    const int64_t max_workers = std::max<int64_t>(1, total * p_.rows / kMinRowTokensPerThread);
+    const int64_t max_workers = workers_for(total, p_.rows);
     for_each_dynamic(int64_t(items.size()), max_workers,
                      [&](Scratch& sc, int64_t i, int64_t next) {
       const WorkItem& it = items[i];
