@@ -92,7 +92,7 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
 // In steps (step() / finish()), so that with several head blocks the softmax of one block runs
 // between the tile products of the next block's scores: the tile unit works asynchronously, and
 // vector work interleaved with its instructions at a fine grain (about 100 ns per 4 products
-// here) costs nothing, where one block of it after the products would wait for them.
+// here) costs almost nothing, where one block of it after the products waits for them.
 class SoftmaxT {
  public:
   SoftmaxT(float (*st)[kTile], int rows, uint64_t valid_bits, const int* row_len, float scale2,
