@@ -159,9 +159,11 @@ def load(impl: str = "cpu") -> str:
     """Make the ``torch.ops.vllm_mla`` kernels for ``impl`` available; returns the library path.
 
     One library per process registers every op: the CUDA extension carries the CPU kernels too,
-    so on a CUDA machine it serves both ``impl="cpu"`` and ``impl="cuda"``.  Every op call goes
-    through here: after the first, the answer is memoized (the spec key reads /proc/cpuinfo and
-    hashes the sources: about 1 ms, several times a decode kernel on small batches).
+    so on a CUDA machine it serves both ``impl="cpu"`` and ``impl="cuda"``.
+    ``impl="cuda-emulated"`` loads ``torch.ops.vllm_mla_emu`` instead (load_cuda_emulator).
+    Every op call goes through here: after the first, the answer is memoized (the spec key reads
+    /proc/cpuinfo and hashes the sources: about 1 ms, several times a decode kernel on small
+    batches).
     """
     resolved = _RESOLVED.get(impl)
     if resolved is None:
@@ -172,36 +174,42 @@ def load(impl: str = "cpu") -> str:
 _RESOLVED: dict[str, str] = {}   # impl -> library path, once load(impl) succeeded
 
 
+# The libraries that register torch.ops.vllm_mla (one per process serves every impl).
+_OPS_LIBRARIES = ("vllm_mla_cpu", "vllm_mla_cuda")
+
+
 def _load(impl: str) -> str:
+    if impl == "cuda-emulated":
+        from . import build_cuda
+        return _load_library(build_cuda.emulator_spec(), prebuilt=False)
     if impl == "cuda" and not _wants_cuda():
         raise RuntimeError("impl='cuda' needs a CUDA build of torch and a visible GPU")
     spec = cuda_spec() if _wants_cuda() else cpu_spec()
     if spec.name in _LOADED:
         return _LOADED[spec.name]
-    loaded = [path for name, path in _LOADED.items() if name in ("vllm_mla_cpu", "vllm_mla_cuda")]
+    loaded = [path for name, path in _LOADED.items() if name in _OPS_LIBRARIES]
     if loaded:  # a library is loaded already (e.g. CPU-only before CUDA appeared): reuse it
         return loaded[0]
-    lib = _prebuilt(spec) or compile_extension(spec)
-    if spec.name not in _LOADED:
-        torch.ops.load_library(str(lib))
-        _LOADED[spec.name] = str(lib)
+    path = _load_library(spec, prebuilt=True)
     _register_fakes()
+    return path
+
+
+def _load_library(spec: ExtensionSpec, prebuilt: bool) -> str:
+    """``spec``'s library loaded into this process once: the wheel's prebuilt copy when
+    ``prebuilt`` and it matches, else compiled (compile_extension loads what it compiles)."""
+    if spec.name not in _LOADED:
+        lib = (prebuilt and _prebuilt(spec)) or compile_extension(spec)
+        if spec.name not in _LOADED:
+            torch.ops.load_library(str(lib))
+            _LOADED[spec.name] = str(lib)
     return _LOADED[spec.name]
 
 
 def load_cuda_emulator() -> str:
     """Make ``torch.ops.vllm_mla_emu`` available: the CUDA ops compiled for the host SIMT
     emulator (``kernels/cuda_emu``), run on CPU tensors.  Needs the CUDA toolkit's headers."""
-    resolved = _RESOLVED.get("cuda-emulated")
-    if resolved is None:
-        from . import build_cuda
-        spec = build_cuda.emulator_spec()
-        lib = _LOADED.get(spec.name) or compile_extension(spec)
-        if spec.name not in _LOADED:
-            torch.ops.load_library(str(lib))
-            _LOADED[spec.name] = str(lib)
-        resolved = _RESOLVED["cuda-emulated"] = str(lib)
-    return resolved
+    return load("cuda-emulated")
 
 
 def _register_fakes() -> None:

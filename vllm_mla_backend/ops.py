@@ -199,11 +199,8 @@ def _output(out, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _load_kernels(impl: str):
     from . import build
-    if impl == EMULATED_CUDA:
-        build.load_cuda_emulator()
-        return torch.ops.vllm_mla_emu
     build.load(impl)
-    return torch.ops.vllm_mla
+    return torch.ops.vllm_mla_emu if impl == EMULATED_CUDA else torch.ops.vllm_mla
 
 
 # ------------------------------------------------------------------------------------------

@@ -353,8 +353,7 @@ class Runner {
       // does better there than software prefetches holding the line-fill buffers the tile loads
       // need (10-15% faster at 16 heads). With more heads, V packed while the rows are in L1
       // and the software prefetch win.
-      KRows k{{sc.kb.data(), sc.kb.data() + 16 * d, sc.kb.data() + 32 * d, sc.kb.data() + 48 * d},
-              d};
+      KRows k{};
       const bool in_place = bf16_ && in_place_rows(refs, &k);
       const bool v_from_rows = bf16_ && m <= 16 && mk_.pv_from_k_rows;
       pf.reset(far, v_from_rows && in_place ? 0 : ahead * kChunk, token_bytes_,
@@ -371,6 +370,7 @@ class Runner {
           uint16_t* vp = v_from_rows ? nullptr : sc.vp.data();
           if (!in_place) {
             mk_.load_bf16(p_.layout, d, refs, kChunk, sc.kb.data(), vp, &pf);
+            k = KRows::evenly_spaced(sc.kb.data(), d);
           } else if (vp) {
             mk_.pack_v_bf16(refs, kChunk, vp, &pf);
           }

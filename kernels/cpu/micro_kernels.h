@@ -46,6 +46,10 @@ struct KRows {
   const uint16_t* tile[4];
   int64_t stride;
   const uint16_t* row(int j) const { return tile[j >> 4] + int64_t(j & 15) * stride; }
+  // 64 rows `stride` elements apart from `first` (a decoded copy)
+  static KRows evenly_spaced(const uint16_t* first, int64_t stride) {
+    return {{first, first + 16 * stride, first + 32 * stride, first + 48 * stride}, stride};
+  }
 };
 
 struct MicroKernels {

@@ -350,57 +350,18 @@ class E4m3Decoder {
   __m512i lo0_, lo1_, hi0_, hi1_;
 };
 
-// The exponent k of a power-of-two multiplier the tables take, or a value outside [-100, 100].
-static inline int pow2_exponent(float scale) {
-  const uint32_t bits = float_to_bits(scale);
-  return (bits & 0x807fffffu) == 0 ? int((bits >> 23) & 0xff) - 127 : 1000;
-}
-
-// avx512::decode_token_bf16 with the table decoder for the FP8 layouts' power-of-two scales.
-static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
-  const uint8_t* p = ref.data;
-  if (!p) return avx512::decode_token_bf16(layout, d, ref, k);
-  switch (layout) {
-    case Layout::FP8: {
-      const E4m3Decoder decode(0);
-      for (int i = 0; i < d; i += 64) decode(p + i, k + i);
-      return;
-    }
-    case Layout::V32_FP8: {
-      int e[4];
-      for (int t = 0; t < 4; ++t) {
-        e[t] = pow2_exponent(v32_tile_scale(p, t));
-        if (e[t] < -100 || e[t] > 100) return avx512::decode_token_bf16(layout, d, ref, k);
-      }
-      for (int t = 0; t < 4; ++t) {
-        const E4m3Decoder decode(e[t]);
-        decode(p + t * kV32Tile, k + t * kV32Tile);
-        decode(p + t * kV32Tile + 64, k + t * kV32Tile + 64);
-      }
-      avx512::copy_u16(p + kV32RopeOffset, kDRope, k + 512);
-      return;
-    }
-    case Layout::MODEL1_FP8: {
-      for (int t = 0; t < kModel1NumTiles; ++t) {
-        const uint8_t s = ref.scale[t];
-        if (s < 27 || s > 227) {  // out of the tables' range (NaN and 2^-127 included)
-          avx512::e4m3_to_bf16(p + t * kModel1Tile, kModel1Tile, ue8m0_to_float(s),
-                               k + t * kModel1Tile);
-        } else {
-          E4m3Decoder(int(s) - 127)(p + t * kModel1Tile, k + t * kModel1Tile);
-        }
-      }
-      avx512::copy_u16(p + kModel1DNope, kDRope, k + kModel1DNope);
-      return;
-    }
-    default:
-      return avx512::decode_token_bf16(layout, d, ref, k);
-  }
+// e4m3 -> bf16 times `scale` (count a multiple of 64): the tables for the powers of two they
+// take, avx512::e4m3_to_bf16 for other multipliers.
+static void e4m3_to_bf16(const uint8_t* src, int count, float scale, uint16_t* dst) {
+  int k;
+  if (!avx512::pow2_exponent(scale, &k)) return avx512::e4m3_to_bf16(src, count, scale, dst);
+  const E4m3Decoder decode(k);
+  for (int i = 0; i < count; i += 64) decode(src + i, dst + i);
 }
 
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                       uint16_t* vp, PrefetchQueue* pf) {
-  avx512::load_bf16_with<decode_token_bf16>(layout, d, refs, n, k, vp, pf);
+  avx512::load_bf16_with<e4m3_to_bf16>(layout, d, refs, n, k, vp, pf);
 }
 
 // One chunk of n = 64 tokens, head block by head block: S^T tiles, the softmax on them, P.V.

@@ -82,23 +82,36 @@ static inline void e4m3_to_bf16_pow2(const uint8_t* src, int count, int k, uint1
   }
 }
 
+// Whether `scale` is 2^k with |k| <= 100, the multipliers the exact power-of-two paths take
+// (every e4m3 value times one stays a normal bf16); k in *k.
+static inline bool pow2_exponent(float scale, int* k) {
+  const uint32_t bits = float_to_bits(scale);
+  *k = int((bits >> 23) & 0xff) - 127;
+  return (bits & 0x807fffffu) == 0 && *k >= -100 && *k <= 100;
+}
+
 // `count` (multiple of 32) e4m3 -> bf16 with one multiplier (the DeepSeek formats' tile scales
 // are powers of two: the fast path).
 static inline void e4m3_to_bf16(const uint8_t* src, int count, float scale, uint16_t* dst) {
-  const uint32_t bits = float_to_bits(scale);
-  const int k = int((bits >> 23) & 0xff) - 127;
-  if ((bits & 0x807fffffu) == 0 && k >= -100 && k <= 100) {
+  int k;
+  if (pow2_exponent(scale, &k)) {
     e4m3_to_bf16_pow2(src, count, k, dst);
   } else {
     e4m3_to_bf16_via_f32(src, count, scale, dst);
   }
 }
 
+// An e4m3 -> bf16 conversion with one multiplier, as e4m3_to_bf16 (the AMX table has a faster
+// one for counts that are multiples of 64).
+using E4m3ToBf16 = void (*)(const uint8_t* src, int count, float scale, uint16_t* dst);
+
 static inline void copy_u16(const void* src, int count, uint16_t* dst) {
   for (int i = 0; i < count; i += 32)
     _mm512_storeu_si512(dst + i, _mm512_loadu_si512(static_cast<const uint16_t*>(src) + i));
 }
 
+// Token `ref` as d bf16 values (zeros for an invalid slot), FP8 records through `Convert`.
+template <E4m3ToBf16 Convert>
 static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
   if (!ref.data) {
     for (int i = 0; i < d; i += 32) _mm512_storeu_si512(k + i, _mm512_setzero_si512());
@@ -107,17 +120,17 @@ static void decode_token_bf16(Layout layout, int d, TokenRef ref, uint16_t* k) {
   const uint8_t* p = ref.data;
   switch (layout) {
     case Layout::FP8:
-      e4m3_to_bf16(p, d, 1.f, k);
+      Convert(p, d, 1.f, k);
       return;
     case Layout::V32_FP8:
       for (int t = 0; t < 4; ++t)
-        e4m3_to_bf16(p + t * kV32Tile, kV32Tile, v32_tile_scale(p, t), k + t * kV32Tile);
+        Convert(p + t * kV32Tile, kV32Tile, v32_tile_scale(p, t), k + t * kV32Tile);
       copy_u16(p + kV32RopeOffset, kDRope, k + 512);
       return;
     case Layout::MODEL1_FP8:
       for (int t = 0; t < kModel1NumTiles; ++t)
-        e4m3_to_bf16(p + t * kModel1Tile, kModel1Tile, ue8m0_to_float(ref.scale[t]),
-                     k + t * kModel1Tile);
+        Convert(p + t * kModel1Tile, kModel1Tile, ue8m0_to_float(ref.scale[t]),
+                k + t * kModel1Tile);
       copy_u16(p + kModel1DNope, kDRope, k + kModel1DNope);
       return;
     default:  // BF16 (the only other layout computed in bf16)
@@ -152,13 +165,13 @@ static void pack_q(const uint16_t* q, int m, int d, uint16_t* packed) {
   for (int64_t i = 0; i < int64_t(m) * d; ++i) packed[i] = q[i];
 }
 
-// load_bf16 with the token decoder as a parameter (the AMX table has a faster FP8 one).
-template <void (*Decode)(Layout, int, TokenRef, uint16_t*)>
+// load_bf16 with the e4m3 conversion as a parameter.
+template <E4m3ToBf16 Convert>
 static void load_bf16_with(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                            uint16_t* vp, PrefetchQueue* pf) {
   for (int j = 0; j < n; j += 2, pf->step()) {  // each pair packed while its rows are in L1
-    Decode(layout, d, refs[j], k + int64_t(j) * d);
-    Decode(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
+    decode_token_bf16<Convert>(layout, d, refs[j], k + int64_t(j) * d);
+    decode_token_bf16<Convert>(layout, d, refs[j + 1], k + int64_t(j + 1) * d);
     if (vp)
       pack_v_pair(k + int64_t(j) * d, k + int64_t(j + 1) * d, vp + int64_t(j / 2) * kDV * 2);
   }
@@ -166,7 +179,7 @@ static void load_bf16_with(Layout layout, int d, const TokenRef* refs, int n, ui
 
 static void load_bf16(Layout layout, int d, const TokenRef* refs, int n, uint16_t* k,
                       uint16_t* vp, PrefetchQueue* pf) {
-  load_bf16_with<decode_token_bf16>(layout, d, refs, n, k, vp, pf);
+  load_bf16_with<e4m3_to_bf16>(layout, d, refs, n, k, vp, pf);
 }
 
 // s[r][j] = q[r] . k[j]; 4 heads x 4 tokens per register block (d multiple of 32, n of 4).
