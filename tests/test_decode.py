@@ -84,6 +84,25 @@ def test_query_lengths(s_q, causal, cpu_kernels):
         assert torch.isposinf(lse[2, :, 0]).all()      # seq_len 2: query 0 sees t < 2 - (s_q-1)
 
 
+@pytest.mark.parametrize("layout,h_q,h_kv,s_q", [
+    (L.BF16, 16, 1, 19), (L.BF16, 128, 1, 3), (L.BF16, 40, 1, 7), (L.BF16, 32, 2, 10),
+    (L.V32_FP8, 16, 1, 9), (L.MODEL1_FP8, 64, 1, 5), (L.FP16, 3, 1, 50)],
+    ids=lambda v: v.name if isinstance(v, L) else str(v))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_query_lengths(layout, h_q, h_kv, s_q, causal, cpu_kernels):
+    """Prefill-length s_q: the kernel gives a group at most 128 query rows, so these cut the
+    positions into blocks (the last one short) that under causal masking read fewer tokens."""
+    case = dense_case(layout, 16, (0, 3, 70, 200), h_q, h_kv, s_q, seed=s_q * 7 + h_q)
+    expected = case.expected(causal)
+    for_each_isa(lambda: check(case, causal, expected=expected))
+
+
+def test_prefill_over_long_context(cpu_kernels):
+    """A chunked prefill: 40 new tokens over a 6000-token context (groups split and merged)."""
+    case = dense_case(L.BF16, 64, (6040, 45), 16, 1, s_q=40, seed=17)
+    check(case, causal=True)
+
+
 @pytest.mark.parametrize("layout", [L.BF16, L.FP8, L.MODEL1_FP8], ids=lambda l: l.name)
 def test_long_sequence(layout, cpu_kernels):
     """One long request: whatever split-KV the kernel uses must merge correctly."""

@@ -291,14 +291,14 @@ class Runner {
 
   // Steps the bf16 kernels take per chunk (load pairs, then per block of 16 rows the score
   // k-steps and the P.V column blocks): the next chunk's lines are spread over them.
-  int prefetch_steps() const {
-    return kChunk / 2 + (p_.rows + 15) / 16 * (p_.d_qk / 32 + kDV / 32);
+  int prefetch_steps(int m) const {
+    return kChunk / 2 + (m + 15) / 16 * (p_.d_qk / 32 + kDV / 32);
   }
 
   // `next`: the item this worker computes next (its first chunks are prefetched here), or
   // nullptr.
   void process(Scratch& sc, const WorkItem& it, const WorkItem* next) {
-    const int m = p_.rows, d = p_.d_qk;
+    const int m = task_.num_rows(it.group), d = p_.d_qk;
     for (int r = 0; r < m; ++r) {
       sc.rows[r] = task_.row(it.group, r);
       if (bf16_) {
@@ -331,8 +331,8 @@ class Runner {
     };
     TokenRef chunks[3][kChunk] = {};
     PrefetchQueue pf;
-    const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps() - 1) /
-                               prefetch_steps();
+    const int lines_per_step = ((token_bytes_ + 63) / 64 * kChunk + prefetch_steps(m) - 1) /
+                               prefetch_steps(m);
     uint8_t valid[kChunk];
     gather_stream(0, chunks[0]);
     const bool has_second = gather_stream(1, chunks[1]);
@@ -394,7 +394,7 @@ class Runner {
 
   // Combine the `splits` partial states of `group` by their LSE, in split order.
   void merge(Scratch& sc, int64_t group, const WorkItem* first, int64_t splits) {
-    for (int r = 0; r < p_.rows; ++r) {
+    for (int r = 0, m = task_.num_rows(group); r < m; ++r) {
       float mx = -kInf, peak = -kInf;  // the largest reference; the true max
       for (int i = 0; i < splits; ++i) {
         mx = std::max(mx, part_->max2[first[i].partial + r]);

@@ -1,8 +1,8 @@
 // The attention core shared by dense decode, sparse decode and sparse prefill.
 //
-// Work is a set of groups; a group is M query rows (heads, or heads x query positions) that
-// attend one ordered token list. Each group's tokens are cut into fixed splits (a function of
-// the problem size only, never of the thread count, so results are deterministic), the
+// Work is a set of groups; a group is up to M query rows (heads, or heads x query positions)
+// that attend one ordered token list. Each group's tokens are cut into fixed splits (a function
+// of the problem size only, never of the thread count, so results are deterministic), the
 // (group, split) items run in parallel, and the splits of a group merge by their LSE.
 #pragma once
 
@@ -30,6 +30,8 @@ class AttentionTask {
   virtual ~AttentionTask() = default;
   virtual int64_t num_groups() const = 0;
   virtual int64_t num_tokens(int64_t group) const = 0;
+  // Query rows of the group: AttentionParams::rows, or fewer (a prefill's last query positions).
+  virtual int num_rows(int64_t group) const = 0;
   // refs[i] = token j0 + i of the group; {nullptr, nullptr} for an invalid slot.
   virtual void gather(int64_t group, int64_t j0, int n, TokenRef* refs) const = 0;
   virtual RowIO row(int64_t group, int r) const = 0;
@@ -38,7 +40,7 @@ class AttentionTask {
 struct AttentionParams {
   Layout layout;             // token format (plain BF16 / FP16 / FP32 for unpaged kv)
   int d_qk;                  // 576 or 512
-  int rows;                  // M, query rows per group
+  int rows;                  // M, the most query rows of a group
   c10::ScalarType q_dtype;   // also the output dtype
   float softmax_scale;
   float k_scale;             // FP8 per-tensor multiplier, 1 otherwise

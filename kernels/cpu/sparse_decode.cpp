@@ -36,6 +36,7 @@ class SparseDecodeTask final : public AttentionTask {
   int64_t num_tokens(int64_t g) const override {
     return main_.count(g / s_q_) + extra_.count(g / s_q_);
   }
+  int num_rows(int64_t) const override { return int(h_q_); }
   void gather(int64_t g, int64_t j0, int n, TokenRef* refs) const override {
     const int64_t n_main = main_.count(g / s_q_);
     for (int i = 0; i < n; ++i) {

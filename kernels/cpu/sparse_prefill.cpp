@@ -19,6 +19,7 @@ class SparsePrefillTask final : public AttentionTask {
   int64_t num_tokens(int64_t s) const override {
     return lengths_ ? std::clamp<int64_t>(lengths_[s], 0, topk_) : topk_;
   }
+  int num_rows(int64_t) const override { return int(h_q_); }
   void gather(int64_t s, int64_t j0, int n, TokenRef* refs) const override {
     for (int i = 0; i < n; ++i) {
       const int64_t idx = indices_[s * topk_ + j0 + i];
