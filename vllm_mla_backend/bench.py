@@ -1,6 +1,7 @@
-"""Tiny-model decode throughput and engine start time: our backend vs vLLM's own, same machine.
+"""Tiny-model decode and prefill throughput and engine start time: our backend vs vLLM's own.
 
-    vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--dtype bfloat16] [--cpu N]
+    vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--prefill-tokens 896]
+                   [--dtype bfloat16] [--cpu N]
     (or: python benchmarks/decode_throughput.py, the same options)
 
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
@@ -20,7 +21,9 @@ torch.compile cache, so the first start is repeated after the cache is warm
 
 Decode tokens/s at batch B: B prompts of 32 random tokens, greedy, ``ignore_eos``; the time to
 generate 1 token (prefill + first step) is subtracted from the time to generate ``--tokens``,
-so the figure is B * (tokens - 1) / decode seconds.
+so the figure is B * (tokens - 1) / decode seconds.  Prefill tokens/s: one request of
+``--prefill-tokens`` fresh random tokens (never a prefix-cache hit), 1 token generated: prompt
+tokens / seconds (the time to first token of a long prompt, attention-heavy at this size).
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ from dataclasses import dataclass, field
 from .backend.registration import ENV_VAR
 
 PROMPT_TOKENS = 32
+MAX_MODEL_LEN = 1024
+PREFILL = "prefill"                         # the prefill measurement's key (decode: batch size)
 BACKENDS = {"ours": "1", "vllm": None}     # VLLM_MLA_BACKEND per engine; None: unset
 LABELS = {"ours": f"ours ({ENV_VAR}=1)", "vllm": "vLLM's own (unset)"}
 
 
 def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu: int,
-                   batches: tuple[int, ...]) -> None:
-    """Child: start one engine, then answer ("measure", batch, tokens) until ("stop",)."""
+                   batches: tuple[int, ...], prefill_tokens: int) -> None:
+    """Child: start one engine, then answer ("measure", batch, tokens) and (PREFILL, tokens)
+    until ("stop",)."""
     os.environ.pop(ENV_VAR, None)
     if backend_value is not None:
         os.environ[ENV_VAR] = backend_value
@@ -52,7 +58,8 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=1024, max_num_seqs=max(batches), seed=0)
+    llm = LLM(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=max(batches),
+              seed=0)
     conn.send(time.perf_counter() - t0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
@@ -60,32 +67,43 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
                                                       generator=gen).tolist()} for _ in range(b)]
                for b in batches}
 
-    def seconds(batch: int, max_tokens: int) -> float:
+    def seconds(batch_prompts, max_tokens: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         t = time.perf_counter()
-        llm.generate(prompts[batch], params, use_tqdm=False)
+        llm.generate(batch_prompts, params, use_tqdm=False)
         return time.perf_counter() - t
 
+    def prefill_tok_s(tokens: int) -> float:
+        prompt = {"prompt_token_ids": torch.randint(5, vocab, (tokens,), generator=gen).tolist()}
+        return tokens / seconds([prompt], 1)
+
     for batch in batches:                      # warm-up: shapes, allocator, caches
-        seconds(batch, 8)
+        seconds(prompts[batch], 8)
+    if prefill_tokens:
+        prefill_tok_s(prefill_tokens)
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
             break
+        if msg[0] == PREFILL:
+            conn.send(prefill_tok_s(msg[1]))
+            continue
         _, batch, tokens = msg
-        conn.send(batch * (tokens - 1) / (seconds(batch, tokens) - seconds(batch, 1)))
+        conn.send(batch * (tokens - 1) / (seconds(prompts[batch], tokens)
+                                          - seconds(prompts[batch], 1)))
     del llm
 
 
 class Engine:
     """One engine in a spawned child process, driven over a pipe."""
 
-    def __init__(self, name: str, model: str, dtype: str, cpu: int, batches: tuple[int, ...]):
+    def __init__(self, name: str, settings: "Settings"):
         ctx = mp.get_context("spawn")
+        s = settings
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_process, args=(child, BACKENDS[name], model, dtype,
-                                                             cpu, batches), daemon=False)
+        self.proc = ctx.Process(target=engine_process, daemon=False, args=(
+            child, BACKENDS[name], s.model, s.dtype, s.cpu, s.batches, s.prefill_tokens))
         self.proc.start()
 
     def wait_started(self) -> float:
@@ -98,6 +116,10 @@ class Engine:
 
     def decode_tok_s(self, batch: int, tokens: int) -> float:
         self.conn.send(("measure", batch, tokens))
+        return self.conn.recv()
+
+    def prefill_tok_s(self, tokens: int) -> float:
+        self.conn.send((PREFILL, tokens))
         return self.conn.recv()
 
     def stop(self) -> None:
@@ -115,6 +137,7 @@ class Settings:
     dtype: str = "bfloat16"
     batches: tuple[int, ...] = (1, 8)
     tokens: int = 128
+    prefill_tokens: int = 896          # 0: no prefill measurement
     rounds: int = 6
     cpu: int = 0
     start_once: bool = False
@@ -124,19 +147,24 @@ class Settings:
 class Result:
     settings: Settings
     starts: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in BACKENDS})
-    speeds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    # tok/s per (backend, measurement): a decode batch size, or PREFILL
+    speeds: dict[tuple[str, int | str], list[float]] = field(default_factory=dict)
     session_of_round: list[int] = field(default_factory=list)
 
-    def best(self, name: str, batch: int) -> float:
-        return max(self.speeds[name, batch])
+    def measurements(self) -> list[int | str]:
+        s = self.settings
+        return [*s.batches, *([PREFILL] if s.prefill_tokens else [])]
 
-    def paired_ratio(self, batch: int) -> float:
+    def best(self, name: str, measurement: int | str) -> float:
+        return max(self.speeds[name, measurement])
+
+    def paired_ratio(self, measurement: int | str) -> float:
         """Per session, the median over its rounds of ours / vLLM's tok/s; then the geometric
         mean over the sessions (a start-order bias that multiplies one session's ratios and
         divides the other's cancels)."""
         ratios: dict[int, list[float]] = {}
-        for session, o, v in zip(self.session_of_round, self.speeds["ours", batch],
-                                 self.speeds["vllm", batch]):
+        for session, o, v in zip(self.session_of_round, self.speeds["ours", measurement],
+                                 self.speeds["vllm", measurement]):
             ratios.setdefault(session, []).append(o / v)
         return statistics.geometric_mean(statistics.median(r) for r in ratios.values())
 
@@ -150,11 +178,11 @@ def run(settings: Settings, log=sys.stderr) -> Result:
     alternate the measurements, stop the engines."""
     s = settings
     result = Result(s)
-    result.speeds = {(name, b): [] for name in BACKENDS for b in s.batches}
+    result.speeds = {(name, m): [] for name in BACKENDS for m in result.measurements()}
     engines: list[Engine] = []
 
     def start(name: str) -> Engine:
-        engine = Engine(name, s.model, s.dtype, s.cpu, s.batches)
+        engine = Engine(name, s)
         engines.append(engine)
         result.starts[name].append(engine.wait_started())
         print(f"{name}: engine started in {result.start(name):.1f} s", file=log, flush=True)
@@ -177,10 +205,11 @@ def run(settings: Settings, log=sys.stderr) -> Result:
                 continue
             session = [start(name) for name in names]
             for _ in range(rounds):
-                for batch in s.batches:
+                for m in result.measurements():
                     for engine in (session if r % 2 == 0 else session[::-1]):
-                        result.speeds[engine.name, batch].append(
-                            engine.decode_tok_s(batch, s.tokens))
+                        result.speeds[engine.name, m].append(
+                            engine.prefill_tok_s(s.prefill_tokens) if m == PREFILL
+                            else engine.decode_tok_s(m, s.tokens))
                 result.session_of_round.append(index)
                 print(f"round {r} ({names[0]} started first): " + ", ".join(
                     f"{n} b{b} {v[-1]:.1f}" for (n, b), v in result.speeds.items()),
@@ -194,18 +223,24 @@ def run(settings: Settings, log=sys.stderr) -> Result:
 
 def format_table(result: Result) -> str:
     s = result.settings
+    measurements = result.measurements()
+
+    def label(m: int | str) -> str:
+        return f"prefill {s.prefill_tokens}" if m == PREFILL else f"batch {m}"
+
     lines = [f"Tiny DeepSeek-V3 ({os.path.basename(s.model.rstrip('/'))}), {s.dtype}, both "
              f"engines' workers on CPU {s.cpu}, {s.rounds} interleaved rounds of {s.tokens} "
              f"tokens, best per backend",
              "| backend | engine start, warm caches (s) | "
-             + " | ".join(f"decode tok/s, batch {b}" for b in s.batches) + " |",
-             "|---|---|" + "---|" * len(s.batches)]
+             + " | ".join(f"prefill tok/s, {s.prefill_tokens}-token prompt" if m == PREFILL
+                          else f"decode tok/s, batch {m}" for m in measurements) + " |",
+             "|---|---|" + "---|" * len(measurements)]
     for name in BACKENDS:
         lines.append(f"| {LABELS[name]} | {result.start(name):.1f} | "
-                     + " | ".join(f"{result.best(name, b):.1f}" for b in s.batches) + " |")
-    ratios = ", ".join(f"batch {b} {result.best('ours', b) / result.best('vllm', b):.2f}x"
-                       for b in s.batches)
-    paired = ", ".join(f"batch {b} {result.paired_ratio(b):.2f}x" for b in s.batches)
+                     + " | ".join(f"{result.best(name, m):.1f}" for m in measurements) + " |")
+    ratios = ", ".join(f"{label(m)} {result.best('ours', m) / result.best('vllm', m):.2f}x"
+                       for m in measurements)
+    paired = ", ".join(f"{label(m)} {result.paired_ratio(m):.2f}x" for m in measurements)
     starts = {n: [round(t, 1) for t in v] for n, v in result.starts.items()}
     start_ratio = result.start("ours") / result.start("vllm")
     lines.append(f"\nours / vLLM's: {ratios} (best rounds); {paired} (per start order the median "
@@ -222,6 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes (default: 1 8)")
     parser.add_argument("--tokens", type=int, default=128,
                         help="tokens generated per request and measurement (default: 128)")
+    parser.add_argument("--prefill-tokens", type=int, default=Settings.prefill_tokens,
+                        help="prompt length of the prefill measurement, up to 1000 (default: "
+                             f"{Settings.prefill_tokens}; 0: none)")
     parser.add_argument("--rounds", type=int, default=6,
                         help="interleaved measurement rounds, half of them with the start "
                              "order swapped (default: 6)")
@@ -234,12 +272,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.tokens < 2 or args.rounds < 1 or min(args.batch_sizes) < 1:
         raise SystemExit("bench: need --tokens >= 2, --rounds >= 1 and batch sizes >= 1")
+    if not 0 <= args.prefill_tokens <= MAX_MODEL_LEN - 24:
+        raise SystemExit(f"bench: --prefill-tokens must be 0 to {MAX_MODEL_LEN - 24}")
     model = args.model
     if model is None:
         from .tiny_model import build_tiny_model
         model = str(build_tiny_model())
     return Settings(model=model, dtype=args.dtype, batches=tuple(args.batch_sizes),
-                    tokens=args.tokens, rounds=args.rounds, cpu=args.cpu,
+                    tokens=args.tokens, prefill_tokens=args.prefill_tokens,
+                    rounds=args.rounds, cpu=args.cpu,
                     start_once=args.start_once)
 
 

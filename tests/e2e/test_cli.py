@@ -37,7 +37,7 @@ def test_doctor_flags_invalid_env_value():
 
 
 def _table_rows(stdout: str) -> dict[str, list[float]]:
-    """bench's markdown table: backend label -> [start s, tok/s per batch size]."""
+    """bench's markdown table: backend label -> [start s, tok/s per batch size, prefill tok/s]."""
     rows = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -48,14 +48,16 @@ def _table_rows(stdout: str) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 def test_bench_measures_both_backends(tiny_dense):
-    # The smallest useful setting: one start per backend, one round, batch sizes 1 and 2.
+    # The smallest useful setting: one start per backend, one round, batch sizes 1 and 2, a
+    # prompt of 256 tokens.
     out = _cli("bench", "--model", str(tiny_dense), "--batch-sizes", "1", "2", "--rounds", "1",
-               "--tokens", "16", "--start-once", timeout=900)
+               "--tokens", "16", "--prefill-tokens", "256", "--start-once", timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = _table_rows(out.stdout)
     assert set(rows) == {"ours (VLLM_MLA_BACKEND=1)", "vLLM's own (unset)"}, out.stdout
     for values in rows.values():
-        assert len(values) == 3 and all(v > 0 for v in values), out.stdout
+        assert len(values) == 4 and all(v > 0 for v in values), out.stdout
     assert "ours / vLLM's: batch 1 " in out.stdout and ", batch 2 " in out.stdout
+    assert ", prefill 256 " in out.stdout
     # Ours really served (our startup line, in vLLM's log on stdout): in one engine only.
     assert (out.stdout + out.stderr).count("vllm-mla-backend active") == 1, out.stdout[-3000:]
