@@ -212,7 +212,8 @@ def run(settings: Settings, log=sys.stderr) -> Result:
                             else engine.decode_tok_s(m, s.tokens))
                 result.session_of_round.append(index)
                 print(f"round {r} ({names[0]} started first): " + ", ".join(
-                    f"{n} b{b} {v[-1]:.1f}" for (n, b), v in result.speeds.items()),
+                    f"{n} {m if m == PREFILL else f'b{m}'} {v[-1]:.1f}"
+                    for (n, m), v in result.speeds.items()),
                     file=log, flush=True)
                 r += 1
             stop_all()
