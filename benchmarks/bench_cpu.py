@@ -24,7 +24,8 @@ Shapes use vLLM's attention-benchmark grammar: ``32q1s32k`` = 32 requests, 1 que
   128, vLLM's split count, per-call zeroed output / logits buffers) and the V4 sparse
   ``_C.flash_mla_with_kvcache_cpu`` (MODEL1_FP8; its window cache gets one invalid column: it
   requires one); for extend shapes AMX_MLA's prefill kernel ``_C.extend_attention_cpu`` (bf16,
-  block 128, the new tokens' latent rows passed apart as its forward_mha does).  The torch
+  block 128, the new tokens' latent rows passed apart as its forward_mha does; the output
+  allocated once, as ours: fresh pages per call cost both alike).  The torch
   reference runs on small shapes only (``--reference-max-mib``, ``--reference-max-gflop``).
 """
 
@@ -287,8 +288,9 @@ def vllm_extend_row(shape, heads, q, scale, machine, args, nbytes, flops, gen) -
     meta = (req_to_token, torch.arange(b, dtype=torch.int64), torch.full((b,), ctx),
             torch.full((b,), s_q), torch.arange(b, dtype=torch.int64) * s_q, s_q)
 
+    out = torch.empty(b * s_q, heads, D_V, dtype=q.dtype)   # allocated once, as for ours
+
     def amx_mla_extend():
-        out = torch.empty(b * s_q, heads, D_V, dtype=q.dtype)
         torch.ops._C.extend_attention_cpu(q_extend, k_extend, k_extend[..., :D_V], out,
                                           k_buffer, k_buffer[..., :D_V], *meta, scale, 0.0,
                                           False, 0, None, None, None)
