@@ -23,7 +23,7 @@ Decode tokens/s at batch B: B prompts of 32 random tokens, greedy, ``ignore_eos`
 generate 1 token (prefill + first step) is subtracted from the time to generate ``--tokens``,
 so the figure is B * (tokens - 1) / decode seconds.  Prefill tokens/s: one request of
 ``--prefill-tokens`` fresh random tokens (never a prefix-cache hit), 1 token generated: prompt
-tokens / seconds (the time to first token of a long prompt, attention-heavy at this size).
+tokens / seconds (the time to first token of a long prompt).
 """
 
 from __future__ import annotations
