@@ -154,8 +154,9 @@ def test_fp32_tight(cpu_kernels):
 
 
 @pytest.mark.parametrize("layout", [L.BF16, L.V32_FP8], ids=lambda l: l.name)
-def test_deterministic_across_runs_and_threads(layout, cpu_kernels):
-    case = dense_case(layout, 64, (3000, 17, 1), 64, 1, s_q=2, seed=15)
+@pytest.mark.parametrize("s_q", [2, 20])  # 20 x 64 heads: position blocks, split and merged
+def test_deterministic_across_runs_and_threads(layout, s_q, cpu_kernels):
+    case = dense_case(layout, 64, (3000, 17, 1), 64, 1, s_q=s_q, seed=15)
 
     def check_isa():
         torch.set_num_threads(2)
