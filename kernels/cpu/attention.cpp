@@ -34,18 +34,33 @@ int64_t workers_for(int64_t total_tokens, int rows) {
 }
 
 // Tokens per split: a function of the work only (deterministic: the same splits, so the same
-// result, at any thread count), small enough that a single long request spreads over every core,
-// large enough to amortize the merge, and no more than two splits per worker the work takes
-// (few rows over short contexts: each split costs a merge and a cold start; 4q1s2k h16 was
-// split into 32 items for at most 4 workers). A split also writes its fp32 partial state (2 KiB
-// a row) and the merge reads it back: at least 16 tokens a row keeps that traffic under a
-// ninth of the split's K reads (at 128 rows, splits of 512 tokens made 8q1s8k 25% slower than
-// splits of 2048, and a 1k-token prefill 1.5x slower).
-int64_t split_tokens(int64_t total_tokens, int rows) {
+// result, at any thread count; `lens` are the groups' token counts), small enough that a single
+// long request spreads over every core, large enough to amortize the merge, and no more than two
+// splits per worker the work takes (few rows over short contexts: each split costs a merge and a
+// cold start; 4q1s2k h16 was split into 32 items for at most 4 workers).
+int64_t base_split_tokens(int64_t total_tokens, int rows) {
   const int64_t for_cores = (total_tokens / 128 + 255) / 256 * 256;
   const int64_t halves = 2 * workers_for(total_tokens, rows);
   const int64_t per_worker = (total_tokens / halves + 255) / 256 * 256;
-  return std::clamp<int64_t>(std::max({for_cores, per_worker, int64_t(rows) * 16}), 256, 8192);
+  return std::clamp<int64_t>(std::max(for_cores, per_worker), 256, 8192);
+}
+
+// A split also writes its fp32 partial state (2 KiB a row) and the merge reads it back: splits
+// of at least 16 tokens a row keep that traffic under a ninth of their K reads (at 128 rows,
+// 512-token splits made 8q1s8k 25% slower than 2048-token ones, a 1k-token prefill 1.5x
+// slower), as long as the work still makes kMinItems items (small problems keep spreading).
+constexpr int64_t kMinItems = 16;
+
+int64_t split_tokens(const std::vector<int64_t>& lens, int64_t total_tokens, int rows) {
+  const int64_t base = base_split_tokens(total_tokens, rows);
+  const auto items_at = [&](int64_t split) {
+    int64_t items = 0;
+    for (const int64_t n : lens) items += std::max<int64_t>(1, (n + split - 1) / split);
+    return items;
+  };
+  int64_t split = std::min<int64_t>((int64_t(rows) * 16 + 255) / 256 * 256, 8192);
+  while (split > base && items_at(split) < kMinItems) split = (split / 2 + 63) / 64 * 64;
+  return std::max(base, split);
 }
 
 bool computes_in_bf16(const AttentionParams& p, Isa isa) {
@@ -206,15 +221,16 @@ class Runner {
 
   void run() {
     const int64_t groups = task_.num_groups();
+    std::vector<int64_t> lens(groups);
     int64_t total = 0;
-    for (int64_t g = 0; g < groups; ++g) total += task_.num_tokens(g);
-    const int64_t split = split_tokens(total, p_.rows);
+    for (int64_t g = 0; g < groups; ++g) total += lens[g] = task_.num_tokens(g);
+    const int64_t split = split_tokens(lens, total, p_.rows);
     std::vector<WorkItem> items;
     struct Merge { int64_t group, first, count; };  // the items of a split group
     std::vector<Merge> merges;
     int64_t partial_rows = 0;
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t n = task_.num_tokens(g);
+      const int64_t n = lens[g];
       if (n <= split) {
         items.push_back({g, 0, n, -1, -1});
         continue;
