@@ -34,10 +34,10 @@ int64_t workers_for(int64_t total_tokens, int rows) {
 }
 
 // Tokens per split: a function of the work only (deterministic: the same splits, so the same
-// result, at any thread count; `lens` are the groups' token counts), small enough that a single
-// long request spreads over every core, large enough to amortize the merge, and no more than two
-// splits per worker the work takes (few rows over short contexts: each split costs a merge and a
-// cold start; 4q1s2k h16 was split into 32 items for at most 4 workers).
+// result, at any thread count), small enough that a single long request spreads over every core,
+// large enough to amortize the merge, and no more than two splits per worker the work takes
+// (few rows over short contexts: each split costs a merge and a cold start; 4q1s2k h16 was
+// split into 32 items for at most 4 workers).
 int64_t base_split_tokens(int64_t total_tokens, int rows) {
   const int64_t for_cores = (total_tokens / 128 + 255) / 256 * 256;
   const int64_t halves = 2 * workers_for(total_tokens, rows);
@@ -48,7 +48,8 @@ int64_t base_split_tokens(int64_t total_tokens, int rows) {
 // A split also writes its fp32 partial state (2 KiB a row) and the merge reads it back: splits
 // of at least 16 tokens a row keep that traffic under a ninth of their K reads (at 128 rows,
 // 512-token splits made 8q1s8k 25% slower than 2048-token ones, a 1k-token prefill 1.5x
-// slower), as long as the work still makes kMinItems items (small problems keep spreading).
+// slower), as long as the work (groups of `lens` tokens) still makes kMinItems items: small
+// problems keep spreading.
 constexpr int64_t kMinItems = 16;
 
 int64_t split_tokens(const std::vector<int64_t>& lens, int64_t total_tokens, int rows) {
