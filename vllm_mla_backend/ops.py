@@ -348,7 +348,8 @@ def mla_decode(q, cache, block_table, seq_lens, layout, softmax_scale=None, caus
 
     q ``[b, s_q, h_q, d_qk]``; block_table ``[b, max_blocks]`` int32; seq_lens ``[b]`` int32.
     Returns ``out [b, s_q, h_q, 512]`` (q's dtype) and ``lse [b, h_q, s_q]`` float32 (natural
-    log; +inf for an empty row).  ``causal`` aligns queries bottom-right (MTP / spec verify).
+    log; +inf for an empty row).  ``causal`` aligns queries bottom-right: MTP / spec verify, and
+    on CPU the backend's latent-space prefill (s_q = the new tokens over the cached context).
     ``workspace``: optional uint8 scratch for the CUDA kernels of at least
     ``decode_workspace_size(b, s_q, h_q, h_kv)`` bytes (CUDA graphs: reserve it once); without
     it the CUDA path allocates one per call.  Ignored by the other impls.
