@@ -7,7 +7,8 @@
 
 Shapes use vLLM's attention-benchmark grammar: ``32q1s32k`` = 32 requests, 1 query token each,
 32k context; ``1q2ks2k`` = one request of 2k new tokens over 2k context (itself), which runs as
-"extend": the query rows aligned bottom-right and causal, as a prefill or a speculative verify.  Method (SPEC-kernels.md section 5):
+"extend": the query rows aligned bottom-right and causal, as a prefill or a speculative verify.
+Method (SPEC-kernels.md section 5):
 
 - In the same run, the machine's read bandwidth (torch.sum over a 1 GiB buffer) and bf16 matmul
   rate (best of N); the same 1 GiB read also evicts the last-level cache before every timed call,
@@ -247,18 +248,13 @@ def vllm_dense_rows(shape, heads, q, scale, machine, args, nbytes, flops, gen) -
     rows.append(Row(str(shape), "decode", "BF16", heads, "vLLM CPU_MLA", 16,
                     best_time(cpu_mla, args.repeats, machine.flush), nbytes, flops))
     del cache
-    # AMX_MLA (v1/attention/backends/mla/amx_mla.py): block 128, req_to_token built once per
-    # step by the metadata builder; per call: zeroed output and split logits, then the kernel.
-    from vllm.v1.attention.backends.mla.amx_mla import (_compute_num_kv_splits,
-                                                        _expand_block_table)
-    bs = 128
-    cache = filled_cache(KVLayout.BF16, b * -(-ctx // bs), bs)
-    table = random_block_table(b, -(-ctx // bs), gen)
-    req_to_token = _expand_block_table(table, bs)
+    # AMX_MLA (v1/attention/backends/mla/amx_mla.py): req_to_token built once per step by the
+    # metadata builder; per call: zeroed output and split logits, then the kernel.
+    from vllm.v1.attention.backends.mla.amx_mla import _compute_num_kv_splits
+    k_buffer, req_to_token = amx_mla_cache(b, ctx, gen)
     req_pool = torch.arange(b, dtype=torch.int64)
     seq_i64 = seq_i32.to(torch.int64)
     splits = _compute_num_kv_splits(ctx, torch.get_num_threads())
-    k_buffer = cache.view(-1, 1, 576)
     v_buffer = k_buffer[..., :D_V]
 
     def amx_mla():
@@ -268,26 +264,35 @@ def vllm_dense_rows(shape, heads, q, scale, machine, args, nbytes, flops, gen) -
                                           req_to_token, req_pool, seq_i64, scale, 0.0, False, 0,
                                           None, None)
 
-    rows.append(Row(str(shape), "decode", "BF16", heads, "vLLM AMX_MLA", bs,
+    rows.append(Row(str(shape), "decode", "BF16", heads, "vLLM AMX_MLA", AMX_MLA_BLOCK,
                     best_time(amx_mla, args.repeats, machine.flush), nbytes, flops))
     return rows
+
+
+AMX_MLA_BLOCK = 128   # AMX_MLA's block size
+
+
+def amx_mla_cache(b: int, ctx: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 cache of `b` requests of `ctx` tokens as AMX_MLA's kernels take it: the token rows
+    ``[slots, 1, 576]`` and req_to_token (vLLM's own expansion of the random block table)."""
+    from vllm.v1.attention.backends.mla.amx_mla import _expand_block_table
+    blocks = -(-ctx // AMX_MLA_BLOCK)
+    cache = filled_cache(KVLayout.BF16, b * blocks, AMX_MLA_BLOCK)
+    table = random_block_table(b, blocks, gen)
+    return cache.view(-1, 1, 576), _expand_block_table(table, AMX_MLA_BLOCK)
 
 
 def vllm_extend_row(shape, heads, q, scale, machine, args, nbytes, flops, gen) -> Row:
     """AMX_MLA's prefill (forward_mha): ``_C.extend_attention_cpu`` over the cached prefix plus
     the new tokens' latent rows passed apart (k_extend, v_extend a view of it), block 128."""
-    from vllm.v1.attention.backends.mla.amx_mla import _expand_block_table
-    b, s_q, ctx, bs = shape.batch, shape.s_q, shape.context, 128
-    cache = filled_cache(KVLayout.BF16, b * -(-ctx // bs), bs)
-    table = random_block_table(b, -(-ctx // bs), gen)
-    req_to_token = _expand_block_table(table, bs).to(torch.int64)
-    k_buffer = cache.view(-1, 1, 576)
+    b, s_q, ctx = shape.batch, shape.s_q, shape.context
+    k_buffer, req_to_token = amx_mla_cache(b, ctx, gen)
+    req_to_token = req_to_token.to(torch.int64)       # the prefill path's index type
     new_rows = req_to_token[:, ctx - s_q:ctx].reshape(-1)
     k_extend = k_buffer[new_rows].contiguous()          # [b * s_q, 1, 576], request-major
     q_extend = q.reshape(b * s_q, heads, 576)
     meta = (req_to_token, torch.arange(b, dtype=torch.int64), torch.full((b,), ctx),
             torch.full((b,), s_q), torch.arange(b, dtype=torch.int64) * s_q, s_q)
-
     out = torch.empty(b * s_q, heads, D_V, dtype=q.dtype)   # allocated once, as for ours
 
     def amx_mla_extend():
@@ -295,7 +300,7 @@ def vllm_extend_row(shape, heads, q, scale, machine, args, nbytes, flops, gen) -
                                           k_buffer, k_buffer[..., :D_V], *meta, scale, 0.0,
                                           False, 0, None, None, None)
 
-    return Row(str(shape), shape.op, "BF16", heads, "vLLM AMX_MLA", bs,
+    return Row(str(shape), shape.op, "BF16", heads, "vLLM AMX_MLA", AMX_MLA_BLOCK,
                best_time(amx_mla_extend, args.repeats, machine.flush), nbytes, flops)
 
 
