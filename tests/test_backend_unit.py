@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 
-from vllm_mla_backend import ops  # noqa: E402
+from vllm_mla_backend import huge_pages, ops  # noqa: E402
 from vllm_mla_backend.backend import config_fixups, registration, rope_fix  # noqa: E402
 from vllm_mla_backend.layouts import KVLayout  # noqa: E402
 
@@ -459,6 +459,21 @@ def test_checked_caches_check_each_cache_tensor_once():
     assert checked.get(ops.alloc_kv_cache(4, 16, KVLayout.FP8)[:, :, 0]) is None  # reallocated
     with pytest.raises(ValueError, match="last dimension must be 576"):
         checked.add(cache[..., :500], KVLayout.FP8)
+
+
+def test_checked_caches_move_host_caches_onto_huge_pages():
+    """vLLM allocates its caches with torch.zeros, on small pages: the first check of a cache
+    starts moving its whole allocation onto huge pages (tests/test_huge_pages.py: the move)."""
+    if not huge_pages.enabled():
+        pytest.skip("transparent huge pages are off on this machine")
+    from vllm_mla_backend.backend.mla import CheckedCaches
+    buf = torch.zeros(72 << 20, dtype=torch.uint8)
+    storage = buf.untyped_storage()
+    key = (storage.data_ptr(), storage.nbytes())
+    assert key not in huge_pages._collapses
+    CheckedCaches().add(buf[:6000 * 16 * 656].view(6000, 16, 656), KVLayout.V32_FP8)
+    assert key in huge_pages._collapses
+    huge_pages._collapses[key].join(60)
 
 
 def test_compact_blocks_keeps_what_the_reference_reads():

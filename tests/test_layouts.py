@@ -55,31 +55,6 @@ def test_alloc_kv_cache_follows_rule(layout):
     assert cache.untyped_storage().nbytes() >= 3 * layout.block_stride(69)
 
 
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages (KiB) of the mapping of this process that holds ``address``."""
-    found = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:          # a mapping's first line: "start-end perms ..."
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            found = lo <= address < hi
-        elif found and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
-
-
-def test_alloc_kv_cache_host_huge_pages():
-    """A large host cache lands on transparent huge pages where THP is madvise or always, and
-    is zeroed (the advice comes before the zero fill).  72 MiB: above glibc's largest mmap
-    threshold (32 MiB), so the pages are fresh whatever the process freed before."""
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not mode.exists() or "[never]" in mode.read_text():
-        pytest.skip("transparent huge pages are off on this machine")
-    cache = ops.alloc_kv_cache(1024, 64, KVLayout.BF16)
-    assert _anon_huge_kib(cache.data_ptr() + (32 << 20)) >= 2048
-    assert not cache.view(torch.int16).any()
-
-
 @pytest.mark.parametrize("spelling,expected", [
     ("auto", None), ("fp8", "FP8"), ("fp8_e4m3", "FP8"), ("fp8_ds_mla", "V32_FP8"),
     ("bfloat16", "BF16"), ("float16", "FP16")])

@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from . import huge_pages
 from .backend.registration import ENV_VAR
 
 PROMPT_TOKENS = 32
@@ -53,6 +54,10 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
     if backend_value is not None:
         os.environ[ENV_VAR] = backend_value
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Our backend moves vLLM's KV cache onto huge pages after its first forward, a few seconds of
+    # one core in the background that would land in the first measured rounds; contexts this
+    # short gain nothing from it (the kernel benchmarks measure it: benchmarks/RESULTS.md).
+    os.environ[huge_pages.ENV_VAR] = "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
     import torch
     from vllm import LLM, SamplingParams

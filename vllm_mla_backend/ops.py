@@ -19,16 +19,13 @@ preallocated outputs.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
-from . import reference
+from . import huge_pages, reference
 from .decode_schedule import decode_workspace_size, sparse_decode_workspace_size
 from .layouts import D_ROPE, D_V, KVLayout, as_layout
 
@@ -206,39 +203,6 @@ def _load_kernels(impl: str):
 # ------------------------------------------------------------------------------------------
 # Allocation and the write / read paths
 # ------------------------------------------------------------------------------------------
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.lru_cache(maxsize=None)
-def _madvise():
-    """libc's madvise, or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    fn = ctypes.CDLL(None, use_errno=True).madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _host_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros in host memory, large ones on transparent huge pages where the kernel allows.
-
-    The advice is given before the first touch (the zero fill), so the pages are faulted in
-    2 MiB at a time: a cache block spans up to 18 small pages, each a TLB miss where the hardware
-    prefetcher stops; decode of a cold 32q1s32k cache ran 6-7% faster (benchmarks/RESULTS.md).
-    Only advice: where THP is off or madvise fails, the memory is the same, on small pages (as
-    for a cache under glibc's mmap threshold, at most 32 MiB, that reuses heap pages).
-    """
-    t = torch.empty(numel, dtype=dtype)
-    madvise = _madvise()
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    end = (t.data_ptr() + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
-    if madvise is not None and end > start:
-        madvise(start, end - start, _MADV_HUGEPAGE)
-    return t.zero_()
-
-
 def alloc_kv_cache(num_blocks: int, block_size: int, layout, device=None,
                    num_kv_heads: int = 1) -> torch.Tensor:
     """A zeroed cache ``[num_blocks, block_size, num_kv_heads, X]`` with the layout's block stride.
@@ -246,7 +210,7 @@ def alloc_kv_cache(num_blocks: int, block_size: int, layout, device=None,
     X is 576 elements for BF16/FP16 (FP32), else ``bytes_per_token`` uint8.  The block stride
     follows the SPEC rule (MODEL1_FP8 pads each block to a multiple of 576 B) and the base is
     16-byte aligned (torch allocations are at least 64-byte aligned).  Host caches are advised
-    onto transparent huge pages (``_host_zeros``).
+    onto transparent huge pages (``huge_pages.zeros``).
     """
     layout = as_layout(layout)
     if num_blocks < 0 or block_size < 1 or num_kv_heads < 1:
@@ -259,7 +223,7 @@ def alloc_kv_cache(num_blocks: int, block_size: int, layout, device=None,
     width = layout.elements_per_token
     numel = max(num_blocks * stride0, 1)
     on_host = device is None or torch.device(device).type == "cpu"
-    flat = _host_zeros(numel, layout.storage_dtype) if on_host else \
+    flat = huge_pages.zeros(numel, layout.storage_dtype) if on_host else \
         torch.zeros(numel, dtype=layout.storage_dtype, device=device)
     return flat.as_strided((num_blocks, block_size, num_kv_heads, width),
                            (stride0, num_kv_heads * width, width, 1))

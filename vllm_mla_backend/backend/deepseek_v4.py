@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from .. import ops
+from .. import huge_pages, ops
 from ..layouts import KVLayout
 
 logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
@@ -262,6 +262,7 @@ def _make_cpu_attention_cls(base: type) -> type:
                 output.zero_()
                 return
             swa = attn_metadata[self.swa_cache_layer.prefix]
+            huge_pages.collapse_in_background(self.swa_cache_layer.kv_cache)  # once per buffer
             req_idx = swa.token_to_req_indices
             num_tokens = q.shape[0]
             window_slots = local_to_global_slots(
@@ -281,6 +282,7 @@ def _make_cpu_attention_cls(base: type) -> type:
                                            self.max_model_len)
                 main_slots = local_to_global_slots(local, req_idx, meta.block_table, block_size)
                 main_cache = paged_cache_view(self.kv_cache, block_size)
+                huge_pages.collapse_in_background(self.kv_cache)
                 extra = dict(extra_cache=window_cache, extra_indices=window_slots.unsqueeze(1))
             ops.mla_sparse_decode(
                 q.unsqueeze(1), main_cache, main_slots.unsqueeze(1), LAYOUT,

@@ -46,7 +46,7 @@ from vllm.v1.attention.backend import (
     max_decode_query_len,
 )
 
-from .. import ops
+from .. import huge_pages, ops
 from ..decode_schedule import decode_workspace_size
 from ..layouts import D_V, KVLayout
 from .registration import BLOCK_SIZE_MULTIPLE, kernel_impl
@@ -127,6 +127,7 @@ class CheckedCaches:
         if len(self._views) >= self.MAX_VIEWS:
             self._views.clear()   # don't keep a replaced cache alive
         self._views[_tensor_key(cache)] = ops.cache_bytes(cache, layout)
+        huge_pages.collapse_in_background(cache)   # host caches: vLLM's are on small pages
 
 
 def token_rows(t: torch.Tensor) -> torch.Tensor:
