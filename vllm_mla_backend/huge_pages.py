@@ -1,8 +1,9 @@
 """Host KV caches on transparent huge pages (Linux).
 
 A cache block spans up to 18 small pages: each is a TLB miss, and the hardware prefetcher stops
-at every 4 KiB boundary.  On 2 MiB pages, decode of a cold 8 x 32k cache ran 3-10% faster and
-sparse decode (top-k tokens scattered over the cache) 20-25% faster (benchmarks/RESULTS.md).
+at every 4 KiB boundary.  The same bytes on 2 MiB pages: decode of a cold 8 x 32k cache up to
+12% faster (5-9% typical), sparse decode (top-k tokens scattered over each request's context)
+1.21-1.24x (benchmarks/bench_huge_pages.py, benchmarks/RESULTS.md).
 
 Two routes, both only advice (where THP is off or the kernel refuses, the memory stays on small
 pages, with the same content):
