@@ -4,7 +4,6 @@ Checked in /proc/self/smaps, the kernel's own account of the mapping."""
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from pathlib import Path
 
@@ -37,9 +36,7 @@ needs_thp = pytest.mark.skipif(not huge_pages.enabled(),
 
 
 def _skip_without_collapse():
-    probe = torch.ones(4 * MIB, dtype=torch.uint8)
-    start = -(-probe.data_ptr() // huge_pages.HUGE_PAGE) * huge_pages.HUGE_PAGE
-    if huge_pages._madvise()(start, huge_pages.HUGE_PAGE, 25) != 0 and ctypes.get_errno() == 22:
+    if not huge_pages.collapse_supported():
         pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
 
 
@@ -105,6 +102,18 @@ def test_opt_out(monkeypatch):
     assert not cache.view(torch.int16).any()
     if huge_pages.thp_mode() == "madvise":      # not advised: the zero fill faults small pages
         assert _anon_huge_kib(cache.data_ptr() + 32 * MIB) == 0
+
+
+def test_describe(monkeypatch):
+    monkeypatch.setenv(huge_pages.ENV_VAR, "off")
+    assert huge_pages.describe() == f"off ({huge_pages.ENV_VAR}=off)"
+    monkeypatch.delenv(huge_pages.ENV_VAR)
+    line = huge_pages.describe()
+    if not huge_pages.enabled():
+        assert line.startswith("off (THP mode")
+    else:
+        assert huge_pages.thp_mode() in line
+        assert line.startswith("on (") == huge_pages.collapse_supported()
 
 
 def test_thp_mode_reads_the_bracketed_word(monkeypatch, tmp_path):

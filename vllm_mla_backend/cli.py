@@ -226,7 +226,7 @@ def doctor() -> int:
 
     import torch
 
-    from . import __version__, build
+    from . import __version__, build, huge_pages
 
     ok = True
 
@@ -249,6 +249,7 @@ def doctor() -> int:
                                    if torch.version.cuda else ""))
     row("nvcc", shutil.which("nvcc") or "not found")
     row("kernel cache", build.cache_root())
+    row("host huge pages", huge_pages.describe())
     impl = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     try:

@@ -67,9 +67,33 @@ def thp_mode() -> str:
 
 def enabled() -> bool:
     """Whether caches go onto huge pages here: Linux with THP not ``never``, not opted out."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "off", "false", "no"):
+    return _opted_in() and _madvise() is not None and thp_mode() in ("always", "madvise")
+
+
+@functools.lru_cache(maxsize=None)
+def collapse_supported() -> bool:
+    """Whether this kernel has MADV_COLLAPSE (Linux 6.1+): one 2 MiB probe."""
+    if _madvise() is None:
         return False
-    return _madvise() is not None and thp_mode() in ("always", "madvise")
+    probe = torch.ones(2 * HUGE_PAGE, dtype=torch.uint8)
+    start, _ = _whole_pages(probe.data_ptr(), 2 * HUGE_PAGE)
+    return _madvise()(start, HUGE_PAGE, _MADV_COLLAPSE) == 0 or ctypes.get_errno() != _EINVAL
+
+
+def describe() -> str:
+    """One line on what happens to host KV caches here (``vllm-mla doctor``)."""
+    if os.environ.get(ENV_VAR) is not None and not _opted_in():
+        return f"off ({ENV_VAR}={os.environ[ENV_VAR]})"
+    if not enabled():
+        return f"off (THP mode: {thp_mode()})"
+    if not collapse_supported():
+        return (f"ours only (THP mode: {thp_mode()}); vLLM's KV cache stays on small pages: "
+                f"this kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    return f"on (THP mode: {thp_mode()}; vLLM's KV cache collapsed after its first use)"
+
+
+def _opted_in() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _whole_pages(address: int, nbytes: int) -> tuple[int, int]:
