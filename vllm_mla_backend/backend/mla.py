@@ -135,8 +135,9 @@ class PrefillScratch:
     """Host buffers of the latent prefill (absorbed queries, latent output), kept between calls
     and shared by every layer: layers run one after another, and ``forward_mha`` is done with
     them when it returns.  Fresh ones cost a page fault per 4 KiB on every call (a 4096-token
-    chunk at 16 heads: 139 MiB, 2-3x the time of writing reused memory, measured); kept, the
-    largest size is paid once (on huge pages where THP allows)."""
+    chunk at 16 heads: 139 MiB); kept, the largest size is paid once (on huge pages where THP
+    allows).  forward_mha of one new 4096-token request at 16 heads: 342 -> 293 ms; 1024 tokens
+    at 128 heads: 334 -> 257 ms (benchmarks/RESULTS.md)."""
 
     def __init__(self):
         self._flat: dict[tuple[int, torch.dtype], torch.Tensor] = {}
