@@ -128,6 +128,13 @@ def test_register_rejects_bad_value(fresh_registration, monkeypatch):
         registration.register()
 
 
+def test_register_rejects_bad_huge_pages_value(fresh_registration, monkeypatch):
+    monkeypatch.setenv(registration.ENV_VAR, "1")
+    monkeypatch.setenv(huge_pages.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match=huge_pages.ENV_VAR):
+        registration.register()
+
+
 def test_register_untested_version(fresh_registration, monkeypatch, caplog):
     monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.40.1", "cpu"))
     monkeypatch.setenv(registration.ENV_VAR, "1")
@@ -468,12 +475,10 @@ def test_checked_caches_move_host_caches_onto_huge_pages():
         pytest.skip("transparent huge pages are off on this machine")
     from vllm_mla_backend.backend.mla import CheckedCaches
     buf = torch.zeros(72 << 20, dtype=torch.uint8)
-    storage = buf.untyped_storage()
-    key = (storage.data_ptr(), storage.nbytes())
-    assert key not in huge_pages._collapses
+    assert huge_pages.collapse_of(buf) is None
     CheckedCaches().add(buf[:6000 * 16 * 656].view(6000, 16, 656), KVLayout.V32_FP8)
-    assert key in huge_pages._collapses
-    huge_pages._collapses[key].join(60)
+    assert huge_pages.collapse_of(buf) is not None
+    huge_pages.collapse_of(buf).join(60)
 
 
 def test_prefill_scratch_reuses_and_grows():

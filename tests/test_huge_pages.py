@@ -94,6 +94,23 @@ def test_collapse_once_per_allocation():
     assert huge_pages.collapse_in_background(torch.zeros(1000)) is None  # under a huge page
 
 
+@needs_thp
+def test_a_new_allocation_at_a_freed_ones_address_is_moved_again():
+    """vLLM may free its cache and allocate one of the same size (sleep / wake): often at the
+    same address, where a record keyed by address would skip it."""
+    _skip_without_collapse()
+    first = torch.zeros(BIG, dtype=torch.uint8)
+    address = first.data_ptr()
+    huge_pages.collapse_in_background(first).join(60)
+    del first
+    again = torch.zeros(BIG, dtype=torch.uint8)
+    if again.data_ptr() != address:
+        pytest.skip("the allocator placed the new buffer elsewhere")
+    assert huge_pages.collapse_of(again) is None
+    huge_pages.collapse_in_background(again).join(60)
+    assert _anon_huge_kib(again.data_ptr() + 32 * MIB) >= 32 * 1024
+
+
 def test_opt_out(monkeypatch):
     monkeypatch.setenv(huge_pages.ENV_VAR, "0")
     assert not huge_pages.enabled()
@@ -102,6 +119,13 @@ def test_opt_out(monkeypatch):
     assert not cache.view(torch.int16).any()
     if huge_pages.thp_mode() == "madvise":      # not advised: the zero fill faults small pages
         assert _anon_huge_kib(cache.data_ptr() + 32 * MIB) == 0
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "o n"])
+def test_bad_value_is_an_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(huge_pages.ENV_VAR, value)
+    with pytest.raises(ValueError, match=f"{huge_pages.ENV_VAR}=.*0/off/false/no"):
+        huge_pages.enabled()
 
 
 def test_describe(monkeypatch):

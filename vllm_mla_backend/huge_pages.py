@@ -93,7 +93,14 @@ def describe() -> str:
 
 
 def _opted_in() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+    """``VLLM_MLA_HUGE_PAGES``: unset or 1/on/true/yes, or 0/off/false/no; else ValueError."""
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value in ("", "1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not valid; use 1/on/true/yes or "
+                     f"0/off/false/no (default: on)")
 
 
 def _whole_pages(address: int, nbytes: int) -> tuple[int, int]:
@@ -115,9 +122,16 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return t.zero_()
 
 
-# Allocations already handed to a collapse: (address, bytes) -> its thread.
-_collapses: dict[tuple[int, int], threading.Thread] = {}
-_collapses_lock = threading.Lock()
+# The collapse of an allocation is recorded on its storage object (torch keeps one Python
+# object per live storage): it dies with the allocation, so a new one at the same address is
+# moved again.
+_MARK = "_vllm_mla_huge_pages"
+_start_lock = threading.Lock()
+
+
+def collapse_of(t: torch.Tensor) -> threading.Thread | None:
+    """The move started for the allocation holding ``t``, if any."""
+    return getattr(t.untyped_storage(), _MARK, None)
 
 
 def collapse_in_background(t: torch.Tensor) -> threading.Thread | None:
@@ -130,17 +144,17 @@ def collapse_in_background(t: torch.Tensor) -> threading.Thread | None:
     if t.device.type != "cpu" or not enabled():
         return None
     storage = t.untyped_storage()
-    key = (storage.data_ptr(), storage.nbytes())
-    with _collapses_lock:
-        if key in _collapses:
-            return _collapses[key]
-        start, end = _whole_pages(*key)
+    with _start_lock:
+        started = getattr(storage, _MARK, None)
+        if started is not None:
+            return started
+        start, end = _whole_pages(storage.data_ptr(), storage.nbytes())
         if end <= start:
             return None
         # the thread holds the storage: its memory stays mapped until the move is done
         thread = threading.Thread(target=_collapse, args=(storage, start, end), daemon=True,
                                   name="vllm-mla-huge-pages")
-        _collapses[key] = thread
+        setattr(storage, _MARK, thread)
         thread.start()
     return thread
 

@@ -147,6 +147,9 @@ def register() -> None:
         config_fixups.install(type(current_platform))
         if current_platform.is_cpu():
             rope_fix.install()
+            from .. import huge_pages
+
+            huge_pages.enabled()   # a bad VLLM_MLA_HUGE_PAGES fails here, at startup
     _registered_mode = mode
 
 
