@@ -481,20 +481,20 @@ def test_checked_caches_move_host_caches_onto_huge_pages():
     huge_pages.collapse_of(buf).join(60)
 
 
-def test_prefill_scratch_reuses_and_grows():
-    from vllm_mla_backend.backend.mla import PrefillScratch
-    scratch = PrefillScratch()
-    a = scratch.take(0, (8, 4, 576), torch.bfloat16)
+def test_host_scratch_reuses_and_grows():
+    from vllm_mla_backend.backend.mla import HostScratch
+    scratch = HostScratch()
+    a = scratch.take("q", (8, 4, 576), torch.bfloat16)
     assert a.shape == (8, 4, 576) and a.is_contiguous()
-    b = scratch.take(1, (8, 4, 512), torch.bfloat16)              # another slot: no aliasing
+    b = scratch.take("out", (8, 4, 512), torch.bfloat16)          # another name: no aliasing
     a_end, b_end = a.data_ptr() + a.numel() * 2, b.data_ptr() + b.numel() * 2
     assert b.data_ptr() >= a_end or a.data_ptr() >= b_end
-    assert scratch.take(0, (3, 4, 576), torch.bfloat16).data_ptr() == a.data_ptr()  # reused
-    assert scratch.take(0, (3, 4, 576), torch.float32).dtype == torch.float32        # per dtype
-    big = scratch.take(0, (64, 4, 576), torch.bfloat16)           # grown
+    assert scratch.take("q", (3, 4, 576), torch.bfloat16).data_ptr() == a.data_ptr()  # reused
+    assert scratch.take("q", (3, 4, 576), torch.float32).dtype == torch.float32        # per dtype
+    big = scratch.take("q", (64, 4, 576), torch.bfloat16)         # grown
     assert big.shape == (64, 4, 576)
     big.fill_(1.0)
-    assert scratch.take(0, (64, 4, 576), torch.bfloat16).data_ptr() == big.data_ptr()
+    assert scratch.take("q", (64, 4, 576), torch.bfloat16).data_ptr() == big.data_ptr()
 
 
 def test_compact_blocks_keeps_what_the_reference_reads():

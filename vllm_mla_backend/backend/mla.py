@@ -131,27 +131,29 @@ class CheckedCaches:
         huge_pages.collapse_in_background(cache)   # host caches: vLLM's are on small pages
 
 
-class PrefillScratch:
-    """Host buffers of the latent prefill (absorbed queries, latent output), kept between calls
-    and shared by every layer: layers run one after another, and ``forward_mha`` is done with
-    them when it returns.  Fresh ones cost a page fault per 4 KiB on every call (a 4096-token
-    chunk at 16 heads: 139 MiB); kept, the largest size is paid once (on huge pages where THP
-    allows).  forward_mha of one new 4096-token request at 16 heads: 342 -> 293 ms; 1024 tokens
-    at 128 heads: 334 -> 257 ms (benchmarks/RESULTS.md)."""
+class HostScratch:
+    """Host buffers of the CPU paths (absorbed prefill queries, the decode query, both latent
+    outputs), kept between calls and shared by every layer: layers run one after another, and
+    each buffer is consumed within the layer (the prefill's by ``forward_mha`` itself, the
+    decode's by vLLM's ``_v_up_proj`` right after ``forward_mqa``).  Fresh ones above glibc's
+    mmap threshold (32 MiB) cost a page fault per 4 KiB on every call; kept, the largest size
+    is paid once (on huge pages where THP allows).  forward_mha of one new 4096-token request
+    at 16 heads: 342 -> 293 ms, 1024 tokens at 128 heads: 334 -> 257 ms; forward_mqa of 256
+    requests at 128 heads over 1k tokens: 85.7 -> 67.7 ms (benchmarks/RESULTS.md)."""
 
     def __init__(self):
-        self._flat: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def take(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
-        flat = self._flat.get((slot, dtype))
+        flat = self._flat.get((name, dtype))
         if flat is None or flat.numel() < numel:
-            self._flat.pop((slot, dtype), None)     # free the old one before the larger one
-            flat = self._flat[(slot, dtype)] = huge_pages.zeros(numel, dtype)
+            self._flat.pop((name, dtype), None)     # free the old one before the larger one
+            flat = self._flat[(name, dtype)] = huge_pages.zeros(numel, dtype)
         return flat[:numel].view(shape)
 
 
-_PREFILL_SCRATCH = PrefillScratch()
+_HOST_SCRATCH = HostScratch()
 
 
 def token_rows(t: torch.Tensor) -> torch.Tensor:
@@ -361,8 +363,11 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
 
     # --- decode ---------------------------------------------------------------------------
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+        host = self.latent_prefill         # CPU: kept buffers (CUDA: graph-captured allocations)
         if isinstance(q, tuple):
-            q = torch.cat(q, dim=-1)
+            shape = (*q[0].shape[:-1], q[0].shape[-1] + q[1].shape[-1])
+            q = torch.cat(q, dim=-1, out=_HOST_SCRATCH.take("decode q", shape, q[0].dtype)
+                          if host else None)
         decode = attn_metadata.decode
         num_tokens, num_heads, d_qk = q.shape
         num_decodes = attn_metadata.num_decodes
@@ -370,9 +375,11 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         if s_q * num_decodes != num_tokens:
             raise ValueError(f"decode batch is not uniform: {num_tokens} tokens for "
                              f"{num_decodes} requests")
+        out = (_HOST_SCRATCH.take("decode out", (num_decodes, s_q, num_heads, D_V), q.dtype)
+               if host else None)
         out, _ = self._attend(q.view(num_decodes, s_q, num_heads, d_qk), kv_c_and_k_pe_cache,
                               decode.block_table, decode.seq_lens, causal=s_q > 1,
-                              k_scale=layer._k_scale, workspace=decode.workspace)
+                              k_scale=layer._k_scale, out=out, workspace=decode.workspace)
         return out.view(num_tokens, num_heads, D_V), None
 
     # --- prefill --------------------------------------------------------------------------
@@ -388,7 +395,8 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         num_tokens = q.shape[0]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         # Absorb W_UK: (N, T, P) x (N, P, L) -> (N, T, L), stored token-major.
-        mqa_q = _PREFILL_SCRATCH.take(0, (num_tokens, self.num_heads, HEAD_SIZE), q.dtype)
+        mqa_q = _HOST_SCRATCH.take("prefill q", (num_tokens, self.num_heads, HEAD_SIZE),
+                                   q.dtype)
         if getattr(layer, "is_amx_bmm_enabled", False):  # (N, T, P) x (N, L, P)^T -> (N, T, L)
             torch.ops._C.bmm_cpu(mqa_q[..., :self.kv_lora_rank].transpose(0, 1),
                                  q_nope.transpose(0, 1), self._w_uk_packed, True,
@@ -397,7 +405,8 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
             torch.bmm(q_nope.transpose(0, 1), layer.W_UK_T,
                       out=mqa_q[..., :self.kv_lora_rank].transpose(0, 1))
         mqa_q[..., self.kv_lora_rank:] = q_pe
-        latent_out = _PREFILL_SCRATCH.take(1, (num_tokens, self.num_heads, D_V), q.dtype)
+        latent_out = _HOST_SCRATCH.take("prefill out", (num_tokens, self.num_heads, D_V),
+                                        q.dtype)
         start = 0
         for i, query_len in enumerate(prefill.query_lens):
             end = start + query_len
