@@ -249,7 +249,11 @@ def doctor() -> int:
                                    if torch.version.cuda else ""))
     row("nvcc", shutil.which("nvcc") or "not found")
     row("kernel cache", build.cache_root())
-    row("host huge pages", huge_pages.describe())
+    try:
+        row("host huge pages", huge_pages.describe())
+    except ValueError as e:                # a bad VLLM_MLA_HUGE_PAGES
+        ok = False
+        row("host huge pages", f"INVALID: {e}")
     impl = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     try:

@@ -7,8 +7,8 @@ at every 4 KiB boundary.  The same bytes on 2 MiB pages: decode of a cold 8 x 32
 
 Two routes, both only advice (where THP is off or the kernel refuses, the memory stays on small
 pages, with the same content):
-* ``zeros``: memory we allocate (``ops.alloc_kv_cache``) is advised before its zero fill, so
-  its pages are faulted in 2 MiB at a time;
+* ``zeros``: memory we allocate (``ops.alloc_kv_cache``, the backend's kept host buffers) is
+  advised before its zero fill, so its pages are faulted in 2 MiB at a time;
 * ``collapse_in_background``: caches vLLM allocated (one ``torch.zeros`` buffer, already on
   small pages) are moved onto huge pages in place, once per allocation, by ``MADV_COLLAPSE``
   (Linux 6.1+) in a background thread.  The move is safe under concurrent reads and writes (the
@@ -176,4 +176,3 @@ def _collapse(storage, start: int, end: int) -> None:
     logger.info("vllm-mla-backend: KV cache (%.2f GiB) moved onto transparent huge pages in "
                 "%.1f s%s", (end - start) / 2**30, time.perf_counter() - t0,
                 f" ({refused} of {steps} steps refused by the kernel)" if refused else "")
-    del storage

@@ -36,6 +36,12 @@ def test_doctor_flags_invalid_env_value():
     assert "VLLM_MLA_BACKEND='bogus' is not valid" in out.stdout
 
 
+def test_doctor_flags_invalid_huge_pages_value():
+    out = _cli("doctor", env={"VLLM_MLA_HUGE_PAGES": "sometimes"})
+    assert out.returncode == 1
+    assert "host huge pages        INVALID: VLLM_MLA_HUGE_PAGES='sometimes'" in out.stdout
+
+
 def _table_rows(stdout: str) -> dict[str, list[float]]:
     """bench's markdown table: backend label -> [start s, tok/s per batch size, prefill tok/s]."""
     rows = {}
