@@ -1,7 +1,7 @@
 """Tiny-model decode and prefill throughput and engine start time: our backend vs vLLM's own.
 
-    vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--prefill-tokens 896]
-                   [--dtype bfloat16] [--cpu N]
+    vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--context 32]
+                   [--prefill-tokens 896] [--dtype bfloat16] [--cpu N]
     (or: python benchmarks/decode_throughput.py, the same options)
 
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
@@ -19,7 +19,8 @@ Start time is the ``LLM(...)`` constructor; the first engine may pay for filling
 torch.compile cache, so the first start is repeated after the cache is warm
 (``--start-once`` skips that when the caches are known warm).
 
-Decode tokens/s at batch B: B prompts of 32 random tokens, greedy, ``ignore_eos``; the time to
+Decode tokens/s at batch B: B prompts of ``--context`` random tokens (default 32; longer ones
+show the attention's share of a step), greedy, ``ignore_eos``; the time to
 generate 1 token (prefill + first step) is subtracted from the time to generate ``--tokens``,
 so the figure is B * (tokens - 1) / decode seconds.  Prefill tokens/s: one request of
 ``--prefill-tokens`` fresh random tokens (never a prefix-cache hit), 1 token generated: prompt
@@ -39,15 +40,21 @@ from dataclasses import dataclass, field
 from . import huge_pages
 from .backend.registration import ENV_VAR
 
-PROMPT_TOKENS = 32
-MAX_MODEL_LEN = 1024
+MIN_MAX_MODEL_LEN = 1024
 PREFILL = "prefill"                         # the prefill measurement's key (decode: batch size)
 BACKENDS = {"ours": "1", "vllm": None}     # VLLM_MLA_BACKEND per engine; None: unset
 LABELS = {"ours": f"ours ({ENV_VAR}=1)", "vllm": "vLLM's own (unset)"}
 
 
+def max_model_len(context: int, tokens: int) -> int:
+    """The engines' max_model_len: room for a decode prompt plus its tokens (and for the
+    prefill measurement, at most MIN_MAX_MODEL_LEN - 24 tokens), in multiples of 256."""
+    return max(MIN_MAX_MODEL_LEN, -(-(context + tokens) // 256) * 256)
+
+
 def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu: int,
-                   batches: tuple[int, ...], prefill_tokens: int) -> None:
+                   batches: tuple[int, ...], prefill_tokens: int, context: int,
+                   tokens: int) -> None:
     """Child: start one engine, then answer ("measure", batch, tokens) and (PREFILL, tokens)
     until ("stop",)."""
     os.environ.pop(ENV_VAR, None)
@@ -63,12 +70,13 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=max(batches),
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len(context, tokens),
+              max_num_seqs=max(batches),
               seed=0)
     conn.send(time.perf_counter() - t0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
-    prompts = {b: [{"prompt_token_ids": torch.randint(5, vocab, (PROMPT_TOKENS,),
+    prompts = {b: [{"prompt_token_ids": torch.randint(5, vocab, (context,),
                                                       generator=gen).tolist()} for _ in range(b)]
                for b in batches}
 
@@ -108,7 +116,8 @@ class Engine:
         self.name = name
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=engine_process, daemon=False, args=(
-            child, BACKENDS[name], s.model, s.dtype, s.cpu, s.batches, s.prefill_tokens))
+            child, BACKENDS[name], s.model, s.dtype, s.cpu, s.batches, s.prefill_tokens,
+            s.context, s.tokens))
         self.proc.start()
 
     def wait_started(self) -> float:
@@ -142,6 +151,7 @@ class Settings:
     dtype: str = "bfloat16"
     batches: tuple[int, ...] = (1, 8)
     tokens: int = 128
+    context: int = 32                  # prompt tokens of each decode request
     prefill_tokens: int = 896          # 0: no prefill measurement
     rounds: int = 6
     cpu: int = 0
@@ -236,7 +246,7 @@ def format_table(result: Result) -> str:
 
     lines = [f"Tiny DeepSeek-V3 ({os.path.basename(s.model.rstrip('/'))}), {s.dtype}, both "
              f"engines' workers on CPU {s.cpu}, {s.rounds} interleaved rounds of {s.tokens} "
-             f"tokens, best per backend",
+             f"tokens after {s.context}-token prompts, best per backend",
              "| backend | engine start, warm caches (s) | "
              + " | ".join(f"prefill tok/s, {s.prefill_tokens}-token prompt" if m == PREFILL
                           else f"decode tok/s, batch {m}" for m in measurements) + " |",
@@ -263,6 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode batch sizes (default: 1 8)")
     parser.add_argument("--tokens", type=int, default=128,
                         help="tokens generated per request and measurement (default: 128)")
+    parser.add_argument("--context", type=int, default=Settings.context,
+                        help="prompt tokens of each decode request: the context the decode "
+                             f"steps attend (default: {Settings.context})")
     parser.add_argument("--prefill-tokens", type=int, default=Settings.prefill_tokens,
                         help="prompt length of the prefill measurement, up to 1000 (default: "
                              f"{Settings.prefill_tokens}; 0: none)")
@@ -276,16 +289,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    if args.tokens < 2 or args.rounds < 1 or min(args.batch_sizes) < 1:
-        raise SystemExit("bench: need --tokens >= 2, --rounds >= 1 and batch sizes >= 1")
-    if not 0 <= args.prefill_tokens <= MAX_MODEL_LEN - 24:
-        raise SystemExit(f"bench: --prefill-tokens must be 0 to {MAX_MODEL_LEN - 24}")
+    if args.tokens < 2 or args.rounds < 1 or min(args.batch_sizes) < 1 or args.context < 1:
+        raise SystemExit("bench: need --tokens >= 2, --rounds >= 1, --context >= 1 and batch "
+                         "sizes >= 1")
+    if not 0 <= args.prefill_tokens <= MIN_MAX_MODEL_LEN - 24:
+        raise SystemExit(f"bench: --prefill-tokens must be 0 to {MIN_MAX_MODEL_LEN - 24}")
     model = args.model
     if model is None:
         from .tiny_model import build_tiny_model
         model = str(build_tiny_model())
     return Settings(model=model, dtype=args.dtype, batches=tuple(args.batch_sizes),
-                    tokens=args.tokens, prefill_tokens=args.prefill_tokens,
+                    tokens=args.tokens, context=args.context,
+                    prefill_tokens=args.prefill_tokens,
                     rounds=args.rounds, cpu=args.cpu,
                     start_once=args.start_once)
 
