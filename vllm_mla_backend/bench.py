@@ -6,7 +6,8 @@
 
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
 for vLLM's: AMX_MLA on AMX CPUs, CPU_MLA otherwise), both bound to the same core (``--cpu``).
-Engines start one after the other; then measurements alternate between them (each round
+Engines start one after the other; one unrecorded pass of every measurement follows (the first
+one of the engine started first ran up to 5x slow); then measurements alternate (each round
 measures both, the order swapping every round) so that load from other processes on a shared
 machine hits both alike.  The rounds run in two sessions that start the engines in opposite
 orders: in an A/A run (our backend in both engines, one session) the engine started first
@@ -219,12 +220,20 @@ def run(settings: Settings, log=sys.stderr) -> Result:
             if rounds == 0:
                 continue
             session = [start(name) for name in names]
+
+            def measure(engine: Engine, m: int | str) -> float:
+                return (engine.prefill_tok_s(s.prefill_tokens) if m == PREFILL
+                        else engine.decode_tok_s(m, s.tokens))
+
+            # One pass unrecorded: the first measurement of the engine started first ran up to
+            # 5x slow (3072-token contexts, batch 1: 43 and 52 tok/s against 150-226 after).
+            for m in result.measurements():
+                for engine in session:
+                    measure(engine, m)
             for _ in range(rounds):
                 for m in result.measurements():
                     for engine in (session if r % 2 == 0 else session[::-1]):
-                        result.speeds[engine.name, m].append(
-                            engine.prefill_tok_s(s.prefill_tokens) if m == PREFILL
-                            else engine.decode_tok_s(m, s.tokens))
+                        result.speeds[engine.name, m].append(measure(engine, m))
                 result.session_of_round.append(index)
                 print(f"round {r} ({names[0]} started first): " + ", ".join(
                     f"{n} {m if m == PREFILL else f'b{m}'} {v[-1]:.1f}"
