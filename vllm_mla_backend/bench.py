@@ -7,7 +7,8 @@
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
 for vLLM's: AMX_MLA on AMX CPUs, CPU_MLA otherwise), both bound to the same core (``--cpu``).
 Engines start one after the other; one unrecorded pass of every measurement follows (the first
-one of the engine started first ran up to 5x slow); then measurements alternate (each round
+one of the engine started first ran up to 5x slow); then measurements alternate, each after a
+pause of ``IDLE_PAUSE_S`` in which the other engine's workers stop spinning (each round
 measures both, the order swapping every round) so that load from other processes on a shared
 machine hits both alike.  The rounds run in two sessions that start the engines in opposite
 orders: in an A/A run (our backend in both engines, one session) the engine started first
@@ -42,6 +43,7 @@ from . import huge_pages
 from .backend.registration import ENV_VAR
 
 MIN_MAX_MODEL_LEN = 1024
+IDLE_PAUSE_S = 1.5                          # before each measurement (see run())
 PREFILL = "prefill"                         # the prefill measurement's key (decode: batch size)
 BACKENDS = {"ours": "1", "vllm": None}     # VLLM_MLA_BACKEND per engine; None: unset
 LABELS = {"ours": f"ours ({ENV_VAR}=1)", "vllm": "vLLM's own (unset)"}
@@ -222,6 +224,10 @@ def run(settings: Settings, log=sys.stderr) -> Result:
             session = [start(name) for name in names]
 
             def measure(engine: Engine, m: int | str) -> float:
+                # vLLM's workers spin (sched_yield) for 1 s after their last message
+                # (shm_broadcast's SpinCondition): on the shared core the engine just measured
+                # would take cycles from the next one.
+                time.sleep(IDLE_PAUSE_S)
                 return (engine.prefill_tok_s(s.prefill_tokens) if m == PREFILL
                         else engine.decode_tok_s(m, s.tokens))
 
