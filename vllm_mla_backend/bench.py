@@ -64,9 +64,9 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
     if backend_value is not None:
         os.environ[ENV_VAR] = backend_value
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # Our backend moves vLLM's KV cache onto huge pages after its first forward, a few seconds of
-    # one core in the background that would land in the first measured rounds; contexts this
-    # short gain nothing from it (the kernel benchmarks measure it: benchmarks/RESULTS.md).
+    # Our backend moves vLLM's KV cache onto huge pages after its first forward: a few seconds
+    # of one core in the background that would land in measured rounds. Both engines keep
+    # vLLM's small pages here (benchmarks/bench_huge_pages.py measures the move).
     os.environ[huge_pages.ENV_VAR] = "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
     import torch
@@ -74,8 +74,7 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
 
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len(context, tokens),
-              max_num_seqs=max(batches),
-              seed=0)
+              max_num_seqs=max(batches), seed=0)
     conn.send(time.perf_counter() - t0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
