@@ -140,14 +140,24 @@ def test_describe(monkeypatch):
         assert line.startswith("on (") == huge_pages.collapse_supported()
 
 
-def test_thp_mode_reads_the_bracketed_word(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_thp_mode():
+    """thp_mode() reads the sysfs file once per process: re-read around the test."""
+    huge_pages.thp_mode.cache_clear()
+    yield
+    huge_pages.thp_mode.cache_clear()
+
+
+def test_thp_mode_reads_the_bracketed_word(monkeypatch, tmp_path, fresh_thp_mode):
     mode = tmp_path / "enabled"
     mode.write_text("always [madvise] never\n")
     monkeypatch.setattr(huge_pages, "_THP_MODE", mode)
     assert huge_pages.thp_mode() == "madvise" and huge_pages.enabled()
     mode.write_text("always madvise [never]\n")
+    huge_pages.thp_mode.cache_clear()
     assert huge_pages.thp_mode() == "never" and not huge_pages.enabled()
     monkeypatch.setattr(huge_pages, "_THP_MODE", tmp_path / "missing")
+    huge_pages.thp_mode.cache_clear()
     assert huge_pages.thp_mode() == "unavailable" and not huge_pages.enabled()
 
 

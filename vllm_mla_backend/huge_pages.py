@@ -56,8 +56,10 @@ def _madvise():
     return fn
 
 
+@functools.lru_cache(maxsize=None)
 def thp_mode() -> str:
-    """The kernel's THP mode (``always``, ``madvise``, ``never``), or ``unavailable``."""
+    """The kernel's THP mode (``always``, ``madvise``, ``never``), or ``unavailable``; read once
+    (``collapse_in_background`` asks on every V4 forward)."""
     try:
         text = _THP_MODE.read_text()
     except OSError:
@@ -141,9 +143,12 @@ def collapse_in_background(t: torch.Tensor) -> threading.Thread | None:
     pass).  Returns None where there is nothing to do: not a host tensor, huge pages off, or an
     allocation smaller than a huge page.
     """
-    if t.device.type != "cpu" or not enabled():
+    if t.device.type != "cpu":
         return None
     storage = t.untyped_storage()
+    started = getattr(storage, _MARK, None)      # the common case: one attribute read
+    if started is not None or not enabled():
+        return started
     with _start_lock:
         started = getattr(storage, _MARK, None)
         if started is not None:
