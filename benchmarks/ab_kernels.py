@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from bench_cpu import Machine, Shape, best_time, filled_cache, random_block_table
+from bench_cpu import Machine, Shape, best_time, filled_cache, random_block_table, \
+    random_sparse_slots
 from vllm_mla_backend import build, ops
 from vllm_mla_backend.layouts import KVLayout, as_layout
 
@@ -97,15 +98,10 @@ def dense_case(shape: Shape, heads: int, layout: KVLayout, block_size: int):
 def sparse_case(shape: Shape, heads: int, layout: KVLayout, topk: int):
     """mla_sparse_decode, topk distinct random tokens of each request's context (block 64)."""
     gen = torch.Generator().manual_seed(2)
-    b, s_q, ctx, bs = shape.batch, shape.s_q, shape.context, 64
-    blocks_per_req = -(-ctx // bs)
-    cache = filled_cache(layout, b * blocks_per_req, bs)
-    table = random_block_table(b, blocks_per_req, gen).long()
-    pos = torch.stack([torch.randperm(ctx, generator=gen)[:topk] for _ in range(b * s_q)])
-    pos = pos.view(b, s_q, topk)
-    slots = table.gather(1, (pos // bs).flatten(1)).view(b, s_q, topk) * bs + pos % bs
-    indices = slots.to(torch.int32)
-    q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
+    bs = 64
+    cache = filled_cache(layout, shape.batch * -(-shape.context // bs), bs)
+    indices = random_sparse_slots(shape, topk, bs, gen).to(torch.int32)
+    q = torch.randn(shape.batch, shape.s_q, heads, layout.d_qk, generator=gen).bfloat16()
     return lambda: ops.mla_sparse_decode(q, cache, indices, layout, impl="cpu")[0]
 
 

@@ -166,6 +166,17 @@ def random_block_table(batch: int, blocks_per_req: int, gen) -> torch.Tensor:
     return perm.view(batch, blocks_per_req).to(torch.int32)
 
 
+def random_sparse_slots(shape: "Shape", topk: int, block_size: int, gen) -> torch.Tensor:
+    """[b, s_q, topk] cache slots: per query, topk distinct random positions of its request's
+    context, through a random block table over a cache of b * ceil(context / block_size)."""
+    b, s_q, ctx = shape.batch, shape.s_q, shape.context
+    table = random_block_table(b, -(-ctx // block_size), gen).long()
+    pos = torch.stack([torch.randperm(ctx, generator=gen)[:topk] for _ in range(b * s_q)])
+    pos = pos.view(b, s_q, topk)
+    return table.gather(1, (pos // block_size).flatten(1)).view(b, s_q, topk) * block_size \
+        + pos % block_size
+
+
 # ------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------
@@ -309,12 +320,8 @@ def sparse_rows(shape: Shape, heads: int, layout: KVLayout, topk: int, impls, ma
     """Each request attends topk distinct random tokens of its own context (block 64)."""
     gen = torch.Generator().manual_seed(2)
     b, s_q, ctx, bs = shape.batch, shape.s_q, shape.context, 64
-    blocks_per_req = -(-ctx // bs)
-    cache = filled_cache(layout, b * blocks_per_req, bs)
-    table = random_block_table(b, blocks_per_req, gen).long()
-    pos = torch.stack([torch.randperm(ctx, generator=gen)[:topk] for _ in range(b * s_q)])
-    pos = pos.view(b, s_q, topk)
-    slots = table.gather(1, (pos // bs).flatten(1)).view(b, s_q, topk) * bs + pos % bs
+    cache = filled_cache(layout, b * -(-ctx // bs), bs)
+    slots = random_sparse_slots(shape, topk, bs, gen)
     indices = slots.to(torch.int32)
     q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
     scale = args.softmax_scale or layout.d_qk ** -0.5
