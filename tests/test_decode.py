@@ -153,6 +153,23 @@ def test_fp32_tight(cpu_kernels):
     check(case, causal=True)
 
 
+@pytest.mark.parametrize("layout,q_dtype", [(L.BF16, None), (L.V32_FP8, None),
+                                            (L.FP32, torch.float32)], ids=lambda v: str(v))
+def test_lse_precision(layout, q_dtype, cpu_kernels):
+    """The LSE to float accuracy (about 5e-6 here; the shared check allows 1e-3), under every
+    ISA: the kernels' exp2 polynomial, its range reduction and the sum must stay exact to a few
+    ulps, which the outputs' bf16 tolerance cannot see."""
+    case = dense_case(layout, 64, (1, 300, 2000, 45), 16, 1, s_q=2, seed=31, q_dtype=q_dtype)
+    _, want = case.expected(True)
+    finite = ~torch.isposinf(want)
+
+    def check_lse():
+        _, got = case.run("cpu", True)
+        assert torch.equal(torch.isposinf(got), ~finite)
+        torch.testing.assert_close(got.double()[finite], want[finite], rtol=0, atol=5e-5)
+    for_each_isa(check_lse)
+
+
 @pytest.mark.parametrize("layout", [L.BF16, L.V32_FP8], ids=lambda l: l.name)
 @pytest.mark.parametrize("s_q", [2, 20])  # 20 x 64 heads: position blocks, split and merged
 def test_deterministic_across_runs_and_threads(layout, s_q, cpu_kernels):

@@ -148,10 +148,10 @@ class SoftmaxT {
     const __m512 scale = _mm512_set1_ps(scale2_);
     const int j = 2 * i;
     const __m512 p0 = _mm512_maskz_mov_ps(
-        use_[j], exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st_[j]), scale), top_)));
+        use_[j], exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st_[j]), scale, top_)));
     const __m512 p1 = _mm512_maskz_mov_ps(
         use_[j + 1],
-        exp2_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(st_[j + 1]), scale), top_)));
+        exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st_[j + 1]), scale, top_)));
     total_ = _mm512_add_ps(_mm512_add_ps(total_, p0), p1);
     pairs_[i % kTile] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     if (i % kTile == kTile - 1) {
