@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench_cpu import Machine, Shape, best_time, filled_cache, random_block_table, \
-    random_sparse_slots
+from bench_cpu import Machine, Shape, best_time, dense_problem, sparse_problem
 from vllm_mla_backend import build, ops
 from vllm_mla_backend.layouts import KVLayout, as_layout
 
@@ -82,26 +81,18 @@ def dispatch_to(side: str):
 
 
 def dense_case(shape: Shape, heads: int, layout: KVLayout, block_size: int):
-    """mla_decode (causal when s_q > 1) over random block tables: a call returning out."""
-    gen = torch.Generator().manual_seed(1)
-    b, s_q, ctx = shape.batch, shape.s_q, shape.context
-    blocks_per_req = -(-ctx // block_size)
-    cache = filled_cache(layout, b * blocks_per_req, block_size)
-    table = random_block_table(b, blocks_per_req, gen)
-    seq_lens = torch.full((b,), ctx, dtype=torch.int32)
-    q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
-    k_scale = 0.05 if layout is KVLayout.FP8 else None
-    return lambda: ops.mla_decode(q, cache, table, seq_lens, layout, causal=s_q > 1,
+    """mla_decode (causal when s_q > 1) on bench_cpu's problem: a call returning out."""
+    q, cache, table, seq_lens, k_scale = dense_problem(shape, heads, layout, block_size,
+                                                       torch.Generator().manual_seed(1))
+    return lambda: ops.mla_decode(q, cache, table, seq_lens, layout, causal=shape.s_q > 1,
                                   k_scale=k_scale, impl="cpu")[0]
 
 
 def sparse_case(shape: Shape, heads: int, layout: KVLayout, topk: int):
-    """mla_sparse_decode, topk distinct random tokens of each request's context (block 64)."""
-    gen = torch.Generator().manual_seed(2)
-    bs = 64
-    cache = filled_cache(layout, shape.batch * -(-shape.context // bs), bs)
-    indices = random_sparse_slots(shape, topk, bs, gen).to(torch.int32)
-    q = torch.randn(shape.batch, shape.s_q, heads, layout.d_qk, generator=gen).bfloat16()
+    """mla_sparse_decode on bench_cpu's problem (block 64): a call returning out."""
+    q, cache, slots = sparse_problem(shape, heads, layout, topk, 64,
+                                     torch.Generator().manual_seed(2))
+    indices = slots.to(torch.int32)
     return lambda: ops.mla_sparse_decode(q, cache, indices, layout, impl="cpu")[0]
 
 

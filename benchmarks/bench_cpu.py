@@ -177,6 +177,26 @@ def random_sparse_slots(shape: "Shape", topk: int, block_size: int, gen) -> torc
         + pos % block_size
 
 
+def dense_problem(shape: "Shape", heads: int, layout: KVLayout, block_size: int, gen):
+    """A dense decode problem: (q, cache, block_table, seq_lens, k_scale), every request at the
+    full context over its own random blocks (q and the table drawn from ``gen``, in this order)."""
+    b, ctx = shape.batch, shape.context
+    q = torch.randn(b, shape.s_q, heads, layout.d_qk, generator=gen).bfloat16()
+    cache = filled_cache(layout, b * -(-ctx // block_size), block_size)
+    table = random_block_table(b, -(-ctx // block_size), gen)
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32)
+    return q, cache, table, seq_lens, 0.05 if layout is KVLayout.FP8 else None
+
+
+def sparse_problem(shape: "Shape", heads: int, layout: KVLayout, topk: int, block_size: int,
+                   gen):
+    """A sparse decode problem: (q, cache, slots), slots from random_sparse_slots (int64)."""
+    cache = filled_cache(layout, shape.batch * -(-shape.context // block_size), block_size)
+    slots = random_sparse_slots(shape, topk, block_size, gen)
+    q = torch.randn(shape.batch, shape.s_q, heads, layout.d_qk, generator=gen).bfloat16()
+    return q, cache, slots
+
+
 # ------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------
@@ -207,13 +227,12 @@ HEADER = ["shape", "op", "layout", "h_q", "impl", "block", "ms", "GB/s", "% of r
 def dense_rows(shape: Shape, heads: int, layout: KVLayout, impls, machine, args) -> list[Row]:
     gen = torch.Generator().manual_seed(1)
     b, s_q, ctx = shape.batch, shape.s_q, shape.context
-    q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
-    seq_lens = torch.full((b,), ctx, dtype=torch.int32)
+    bs = args.block_size
+    q, cache, table, seq_lens, k_scale = dense_problem(shape, heads, layout, bs, gen)
     scale = args.softmax_scale or layout.d_qk ** -0.5
     causal = s_q > 1
     nbytes = b * ctx * layout.bytes_per_token + b * s_q * heads * (layout.d_qk + D_V) * 2
     flops = 2 * heads * shape.attended() * (layout.d_qk + D_V)
-    k_scale = 0.05 if layout is KVLayout.FP8 else None
     rows = []
 
     def add(impl, block, fn):
@@ -221,9 +240,6 @@ def dense_rows(shape: Shape, heads: int, layout: KVLayout, impls, machine, args)
         rows.append(Row(str(shape), shape.op, layout.name, heads, impl, block, seconds, nbytes,
                         flops))
 
-    bs = args.block_size
-    cache = filled_cache(layout, b * -(-ctx // bs), bs)
-    table = random_block_table(b, -(-ctx // bs), gen)
     if "ours" in impls:
         out = torch.empty(b, s_q, heads, D_V, dtype=torch.bfloat16)
         add("ours", bs, lambda: ops.mla_decode(q, cache, table, seq_lens, layout, scale,
@@ -319,11 +335,9 @@ def sparse_rows(shape: Shape, heads: int, layout: KVLayout, topk: int, impls, ma
                 args) -> list[Row]:
     """Each request attends topk distinct random tokens of its own context (block 64)."""
     gen = torch.Generator().manual_seed(2)
-    b, s_q, ctx, bs = shape.batch, shape.s_q, shape.context, 64
-    cache = filled_cache(layout, b * -(-ctx // bs), bs)
-    slots = random_sparse_slots(shape, topk, bs, gen)
+    b, s_q, bs = shape.batch, shape.s_q, 64
+    q, cache, slots = sparse_problem(shape, heads, layout, topk, bs, gen)
     indices = slots.to(torch.int32)
-    q = torch.randn(b, s_q, heads, layout.d_qk, generator=gen).bfloat16()
     scale = args.softmax_scale or layout.d_qk ** -0.5
     unique = int(torch.unique(slots).numel())
     nbytes = unique * layout.bytes_per_token + b * s_q * heads * (layout.d_qk + D_V) * 2
