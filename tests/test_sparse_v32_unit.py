@@ -175,3 +175,8 @@ def test_cache_layout_names():
     assert s.cache_layout("auto") is KVLayout.BF16
     with pytest.raises(ValueError, match="nvfp4_ds_mla"):
         s.cache_layout("nvfp4_ds_mla")
+
+
+def test_cache_layout_of_a_float32_model():
+    assert s.cache_layout("auto", torch.float32) is KVLayout.FP32
+    assert s.cache_layout("fp8_ds_mla", torch.float32) is KVLayout.V32_FP8

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 BUILDER_VERSION = 2   # bump when the output changes for the same spec
+V32_BUILDER_VERSION = 2   # the same for the V3.2 specs only (2: 16 indexer heads)
 CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 STAMP = "tiny_model.json"
 
@@ -58,15 +59,21 @@ class TinyModelSpec:
     moe: bool = False
     seed: int = 0
     vocab_target: int = 1024
+    index_topk: int | None = None   # set: DeepSeek V3.2 (a DSA indexer per layer, this top-k)
 
     def __post_init__(self):
         if not 1 <= self.layers <= 8:
             raise ValueError(f"layers must be in [1, 8], got {self.layers}")
+        if self.index_topk is not None and (self.index_topk < 64 or self.index_topk % 64):
+            raise ValueError(f"index_topk must be a positive multiple of 64, got {self.index_topk}")
         if self.moe and self.layers < 2:
             raise ValueError("moe needs layers >= 2 (layer 0 stays dense, as in DeepSeek-V3)")
 
     def digest(self) -> str:
-        payload = json.dumps({"spec": asdict(self), "builder": BUILDER_VERSION,
+        spec = {k: v for k, v in asdict(self).items() if v is not None}  # V3 digests unchanged
+        if self.index_topk is not None:
+            spec["v32_builder"] = V32_BUILDER_VERSION
+        payload = json.dumps({"spec": spec, "builder": BUILDER_VERSION,
                               "corpus": hashlib.sha256(CORPUS.read_bytes()).hexdigest()},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -74,11 +81,17 @@ class TinyModelSpec:
     @property
     def name(self) -> str:
         kind = "moe" if self.moe else "dense"
-        return f"tiny-dsv3-{kind}-l{self.layers}-s{self.seed}-{self.digest()}"
+        arch = "dsv3" if self.index_topk is None else f"dsv32-top{self.index_topk}"
+        return f"tiny-{arch}-{kind}-l{self.layers}-s{self.seed}-{self.digest()}"
 
     def config(self, vocab_size: int, bos_id: int, eos_id: int):
-        from transformers import DeepseekV3Config
-        return DeepseekV3Config(
+        from transformers import DeepseekV3Config, DeepseekV32Config
+        v32 = {} if self.index_topk is None else dict(
+            # the indexer at DeepSeek V3.2's head size (vLLM's kernels need 128); 16 heads, so that
+            # index scores (sums of per-head ReLUs) are almost never tied at zero
+            index_topk=self.index_topk, index_n_heads=16, index_head_dim=128,
+            architectures=["DeepseekV32ForCausalLM"])
+        return (DeepseekV3Config if self.index_topk is None else DeepseekV32Config)(**{**dict(
             vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
             num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
             q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
@@ -93,7 +106,7 @@ class TinyModelSpec:
             architectures=["DeepseekV3ForCausalLM"], dtype="float32",
             # vLLM reads these two (the real DeepSeek-V3 config has them); HF always routes so.
             scoring_func="sigmoid", topk_method="noaux_tc",
-        )
+        ), **v32})
 
 
 def default_out_dir(spec: TinyModelSpec) -> Path:
@@ -102,9 +115,9 @@ def default_out_dir(spec: TinyModelSpec) -> Path:
 
 
 def build_tiny_model(out: str | os.PathLike | None = None, *, layers: int = 2, moe: bool = False,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, index_topk: int | None = None) -> Path:
     """Write the checkpoint for this spec into ``out`` (default: the cache) unless it is there."""
-    spec = TinyModelSpec(layers=layers, moe=moe, seed=seed)
+    spec = TinyModelSpec(layers=layers, moe=moe, seed=seed, index_topk=index_topk)
     out = Path(out) if out is not None else default_out_dir(spec)
     stamp = out / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == spec.digest():
@@ -165,7 +178,8 @@ def _gain(name: str, config) -> float:
     """Multiplier on 1/sqrt(fan_in) for a weight, chosen from the variances it feeds."""
     # q, k_nope and k_pe (and v) get variance S, so q.k / sqrt(d_qk) has std S.  Their inputs
     # have unit variance (q_a / kv_a layernorms; the k_pe input is the normed hidden state).
-    if name.endswith(("q_b_proj.weight", "kv_b_proj.weight", "kv_a_proj_with_mqa.weight")):
+    if name.endswith(("q_b_proj.weight", "kv_b_proj.weight", "kv_a_proj_with_mqa.weight",
+                      "indexer.wq_b.weight", "indexer.wk.weight")):
         return math.sqrt(ATTENTION_SCORE_STD)
     if name == "lm_head.weight":
         return LOGIT_STD
@@ -203,10 +217,11 @@ def _unfused_expert_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.
 
 def _write_weights(path: Path, config, seed: int) -> None:
     from safetensors.torch import save_file
-    from transformers import DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
+    model_cls = DeepseekV32ForCausalLM if config.model_type == "deepseek_v32" else DeepseekV3ForCausalLM
     with torch.device("meta"):
-        shapes = {n: t.shape for n, t in DeepseekV3ForCausalLM(config).state_dict().items()}
+        shapes = {n: t.shape for n, t in model_cls(config).state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         value = _init_tensor(name, shape, config, seed).float()
@@ -226,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe", action="store_true", help="routed-expert layers after layer 0")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index-topk", type=int, default=None,
+                        help="DeepSeek V3.2 architecture: a DSA indexer with this top-k")
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.out, layers=args.layers, moe=args.moe, seed=args.seed))
+    print(build_tiny_model(args.out, layers=args.layers, moe=args.moe, seed=args.seed,
+                           index_topk=args.index_topk))
     return 0
 
 

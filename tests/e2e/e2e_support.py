@@ -91,9 +91,10 @@ def flat_requests(waves: list[dict], result: dict) -> list[tuple[list[int], dict
 class HFReference:
     """Teacher-forced float32 log-probabilities from HF transformers (eager attention)."""
 
-    def __init__(self, model_dir: Path):
-        from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(
+    def __init__(self, model_dir: Path, model_cls=None):
+        if model_cls is None:
+            from transformers import AutoModelForCausalLM as model_cls
+        self.model = model_cls.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
     @torch.no_grad()
@@ -102,6 +103,56 @@ class HFReference:
         ids = torch.tensor([prompt + generated[:-1]])
         logits = self.model(ids).logits[0, len(prompt) - 1:].float()
         return torch.log_softmax(logits, dim=-1)
+
+
+def fp8_block_roundtrip(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """x through DeepSeek V3.2's indexer quantization (float32 math): per ``block`` elements a
+    power-of-two scale >= amax / 448 (UE8M0), values rounded to e4m3."""
+    g = x.float().unflatten(-1, (-1, block))
+    scale = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).clamp_min(1e-10)
+                                             / 448.0)))
+    return ((g / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
+
+
+def _v32_fp8_indexer_forward(self, hidden_states, q_resid, position_embeddings, attention_mask,
+                             position_ids=None, past_key_values=None):
+    """HF's ``DeepseekV32Indexer.forward`` with q and k quantized as vLLM's V3.2 indexer stores
+    and scores them (HF scores in float32 without it), the score in float64."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+    b, s, _ = hidden_states.shape
+    rope, rest = self.qk_rope_head_dim, self.head_dim - self.qk_rope_head_dim
+    q = self.wq_b(q_resid).view(b, s, self.n_heads, self.head_dim)
+    k = self.k_norm(self.wk(hidden_states)).unsqueeze(2)
+    q_rot, q_pass = torch.split(q, [rope, rest], dim=-1)
+    k_rot, k_pass = torch.split(k, [rope, rest], dim=-1)
+    q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, *position_embeddings, unsqueeze_dim=2)
+    q = fp8_block_roundtrip(torch.cat([q_rot, q_pass], dim=-1))
+    k = fp8_block_roundtrip(torch.cat([k_rot, k_pass], dim=-1).squeeze(2))
+    if past_key_values is not None:
+        k = past_key_values.update_indexer(k, self.layer_idx)
+    scores = torch.relu(q.double() @ k.double().transpose(-1, -2).unsqueeze(1)) * self.softmax_scale
+    weights = self.weights_proj(hidden_states).double() * self.n_heads ** -0.5
+    index = (weights.unsqueeze(-2) @ scores).squeeze(-2)
+    index = (index.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+             else index + attention_mask)
+    return index.topk(min(self.index_topk, index.shape[-1]), dim=-1).indices.to(torch.int32)
+
+
+class HFReferenceV32(HFReference):
+    """The same for DeepSeek V3.2 checkpoints, the indexer quantized as vLLM's (whose top-k
+    selection is what the engine must reproduce)."""
+
+    def __init__(self, model_dir: Path):
+        # by class: once vLLM is imported, its config registry maps deepseek_v32 to HF's V3
+        # config, and the Auto classes would build a V3 model without indexers
+        from transformers import DeepseekV32ForCausalLM
+        from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
+        super().__init__(model_dir, DeepseekV32ForCausalLM)
+        indexers = [m for m in self.model.modules() if isinstance(m, DeepseekV32Indexer)]
+        assert indexers, "not a DeepSeek V3.2 checkpoint"
+        for m in indexers:
+            m.forward = _v32_fp8_indexer_forward.__get__(m)
 
 
 @dataclass

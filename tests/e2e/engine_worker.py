@@ -53,6 +53,8 @@ def run(request: dict) -> dict:
     result: dict = {"start_s": time.perf_counter() - started, "waves": []}
     result["backends"] = sorted({n for names in llm.apply_model(engine_probe.attention_backends)
                                  for n in names})
+    result["indexers"] = sorted({n for names in llm.apply_model(engine_probe.sparse_indexers)
+                                 for n in names})
     for wave in request["waves"]:
         params = SamplingParams(temperature=0.0, **wave["sampling"])
         prompts = [{"prompt_token_ids": ids} for ids in wave["prompts"]]

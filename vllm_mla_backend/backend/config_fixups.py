@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 
 from .registration import BLOCK_SIZE_MULTIPLE, current_mode
+from .sparse_v32_cpu import INDEXER_BLOCK_SIZE, is_v32
 
 # A child of vLLM's logger: vLLM configures its handlers and format in every process.
 logger = logging.getLogger("vllm.plugins.vllm_mla_backend")
@@ -65,6 +66,13 @@ def restore_cpu_settings(vllm_config, before: _UserSettings) -> None:
     if before.user_block_size and cache.block_size != before.block_size:
         cache.block_size = before.block_size
         restored.append(f"block size {before.block_size}")
+    if is_v32(vllm_config.model_config.hf_config):
+        # the indexer cache takes blocks of 64 only (DeepseekV32IndexerBackend)
+        if not before.user_block_size:
+            cache.block_size = INDEXER_BLOCK_SIZE
+        elif cache.block_size != INDEXER_BLOCK_SIZE:
+            raise ValueError(f"block_size {cache.block_size}: DeepSeek V3.2 on CPU runs with "
+                             f"block size {INDEXER_BLOCK_SIZE} (its indexer cache's)")
     if cache.block_size % BLOCK_SIZE_MULTIPLE:
         raise ValueError(f"block_size {cache.block_size} is not supported by vllm-mla-backend: "
                          f"use a multiple of {BLOCK_SIZE_MULTIPLE} (e.g. 16, 32, 64, 128)")

