@@ -156,3 +156,30 @@ def test_vllm_cpu_logits_kernel_reads_the_cache_we_write():
     for row, length in enumerate(lengths.tolist()):
         torch.testing.assert_close(logits[row, :length].double(), expect[row, :length],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("logits_budget", [100, 1 << 25])
+def test_index_rows_selects_the_float64_top_k(logits_budget):
+    """Top-k 32 of up to 150 positions per row, rows of different lengths (one empty, one
+    shorter than k); a small budget runs one row per kernel call: same selection."""
+    pytest.importorskip("vllm._C")
+    gen = torch.Generator().manual_seed(5)
+    block_size, blocks, heads, n, topk = 64, 6, 16, 150, 32
+    cache = _indexer_cache(blocks, block_size, pad_bytes=128)
+    table = torch.tensor([[2, 0, 4]], dtype=torch.int32).expand(5, -1)
+    pos = torch.arange(n)
+    k = torch.randn(n, HEAD_DIM, generator=gen)
+    v32.insert_indexer_k(k, cache, table[0, pos // block_size].long() * block_size
+                         + pos % block_size)
+    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(5, heads, HEAD_DIM, generator=gen),
+                                             HEAD_DIM)
+    q_scale = q_scale.squeeze(-1)
+    weights = torch.randn(5, heads, generator=gen)
+    lengths = torch.tensor([150, 97, 0, 20, 64])
+    out = torch.full((5, topk), 123, dtype=torch.int32)
+    v32.index_rows(q_fp8, weights * q_scale, cache, lengths, table, topk, out, logits_budget)
+    scores = _index_scores_f64(q_fp8, q_scale, k, weights)
+    for row, length in enumerate(lengths.tolist()):
+        expect = sorted(scores[row, :length].topk(min(topk, length)).indices.tolist())
+        assert sorted(x for x in out[row].tolist() if x >= 0) == expect
+        assert (out[row] < 0).sum() == topk - len(expect)

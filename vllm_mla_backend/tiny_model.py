@@ -5,6 +5,8 @@ v 128: a 576-wide latent cache entry), everything else is small: hidden 256, 4 h
 a vocabulary of about 1000 byte-level BPE tokens trained here on a text shipped in the package.
 ``--moe`` makes every layer after the first a routed-expert layer (4 experts, top 2, sigmoid
 router with a correction bias: DeepSeek-V3's ``noaux_tc`` routing), so vLLM's fused MoE path runs.
+``--index-topk K`` makes it DeepSeek V3.2 (``DeepseekV32ForCausalLM``): every layer gets a DSA
+indexer (16 heads of 128, V3.2's head size) that picks K tokens per query.
 
 Weights are drawn per tensor from a generator seeded by (seed, tensor name): the same spec gives
 the same bytes on every machine.  Plain ``std=0.02`` initialisation makes attention nearly uniform
@@ -19,7 +21,7 @@ The checkpoint is written the way DeepSeek ships it: one ``config.json`` (``Deep
 ``model.safetensors``, and a ``tokenizer.json`` with a chat template.  A stamp file holding a hash
 of the spec, builder version and corpus makes a rebuild of an unchanged spec a no-op.
 
-    python -m vllm_mla_backend.tiny_model --out DIR [--moe] [--layers N] [--seed S]
+    python -m vllm_mla_backend.tiny_model --out DIR [--moe] [--layers N] [--seed S] [--index-topk K]
 """
 
 from __future__ import annotations

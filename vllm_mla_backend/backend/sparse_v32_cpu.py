@@ -34,6 +34,7 @@ import torch
 from .registration import current_mode
 
 INDEXER_BLOCK_SIZE = 64      # DeepseekV32IndexerBackend's only kernel block size
+LOGITS_BUDGET = 1 << 25      # float32 indexer logits per kernel call (128 MiB)
 FP8_MAX = 448.0              # e4m3fn
 _MARK = "_vllm_mla_backend_wrapped"
 
@@ -106,16 +107,15 @@ def select_topk(logits: torch.Tensor, lengths: torch.Tensor, topk: int,
                 out: torch.Tensor) -> None:
     """Per row the positions of the ``topk`` largest logits among its first ``lengths[row]``
     (all of them when there are no more than ``topk``), in no particular order; -1 fills the
-    rest."""
+    rest.  ``logits`` is scratch (masked in place)."""
     rows, width = logits.shape
     lengths = lengths.long().clamp(max=width).unsqueeze(1)
     pos = torch.arange(width, device=logits.device).unsqueeze(0)
-    masked = logits.masked_fill(pos >= lengths, float("-inf"))
     k = min(topk, width)
     if k == 0:
         out.fill_(-1)
         return
-    picked = masked.topk(k, dim=1, sorted=False).indices
+    picked = logits.masked_fill_(pos >= lengths, float("-inf")).topk(k, dim=1, sorted=False).indices
     picked = torch.where(picked < lengths, picked, torch.full_like(picked, -1))
     out.fill_(-1)
     out[:, :k] = picked.to(out.dtype)
@@ -148,13 +148,44 @@ def prefill_chunk_rows(query_start_loc_ptr, uncompressed_seq_lens_ptr, cu_compre
         torch.repeat_interleave(torch.arange(num_reqs), cu[1:] - cu[:-1]))
 
 
+def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+               lengths: torch.Tensor, page_table: torch.Tensor, topk: int, out: torch.Tensor,
+               logits_budget: int = LOGITS_BUDGET) -> None:
+    """Top-k positions of query rows ``q_fp8 [n, H, 128]`` (weights ``[n, H]``: the per-head
+    weights times q's scales) over the indexer cache, row i over its first ``lengths[i]``
+    positions through ``page_table[i]``, into ``out [n, topk]``: index scores by vLLM's CPU
+    kernel, a slice of rows at a time so that its logits stay within ``logits_budget``."""
+    from vllm import _custom_ops as vllm_ops
+
+    n = q_fp8.shape[0]
+    max_len = int(lengths.max()) if n > 0 else 0
+    if max_len == 0:
+        out.fill_(-1)
+        return
+    values, _ = indexer_cache_regions(kv_cache, q_fp8.shape[-1])
+    block_size = values.shape[1]
+    kv_view = kv_cache.as_strided((kv_cache.shape[0], block_size * kv_cache.shape[2]),
+                                  (kv_cache.stride(0), 1), kv_cache.storage_offset())
+    lengths, page_table = lengths.to(torch.int32), page_table.to(torch.int32)
+    step = max(1, logits_budget // max_len)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        part_len = int(lengths[rows].max())
+        if part_len == 0:
+            out[rows] = -1
+            continue
+        logits = vllm_ops.fp8_paged_mqa_logits_cpu(
+            q_fp8[rows].contiguous(), kv_view, weights[rows].float().contiguous(),
+            lengths[rows].contiguous(), page_table[rows].contiguous(), block_size, part_len)
+        select_topk(logits, lengths[rows], topk, out[rows])
+
+
 # ------------------------------------------------------------------------------------------
 # The indexer step, as one opaque op (vLLM traces the CPU model once: a Python forward with a
 # metadata branch would be frozen into the first trace)
 # ------------------------------------------------------------------------------------------
 def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                   topk_indices_buffer: torch.Tensor, k_cache_prefix: str, topk: int) -> None:
-    from vllm import _custom_ops as vllm_ops
     from vllm.forward_context import get_forward_context
 
     context = get_forward_context()
@@ -165,24 +196,11 @@ def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     kv_cache = context.no_compile_layers[k_cache_prefix].kv_cache
     num_tokens = meta.slot_mapping.shape[0]
     insert_indexer_k(k[:num_tokens], kv_cache, meta.slot_mapping)
-    values, _ = indexer_cache_regions(kv_cache, k.shape[-1])
-    block_size = values.shape[1]
-    kv_view = kv_cache.as_strided((kv_cache.shape[0], block_size * kv_cache.shape[2]),
-                                  (kv_cache.stride(0), 1))
     out = topk_indices_buffer[:num_tokens, :topk]
     out.fill_(-1)
 
     def attend(rows: slice, lengths, page_table):
-        if rows.stop <= rows.start:
-            return
-        max_len = int(lengths.max())
-        if max_len == 0:
-            return
-        logits = vllm_ops.fp8_paged_mqa_logits_cpu(
-            q_fp8[rows].contiguous(), kv_view, weights[rows].float().contiguous(),
-            lengths.to(torch.int32).contiguous(), page_table.to(torch.int32).contiguous(),
-            block_size, max_len)
-        select_topk(logits, lengths, topk, out[rows])
+        index_rows(q_fp8[rows], weights[rows], kv_cache, lengths, page_table, topk, out[rows])
 
     if meta.num_decodes > 0:
         dec = meta.decode
