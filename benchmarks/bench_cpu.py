@@ -427,10 +427,10 @@ def report(rows: list[Row], machine: Machine, args, command: str) -> str:
         "", table(rows, machine), ""])
 
 
-def write_results(text: str) -> None:
-    """Replace the CPU section of RESULTS.md (other sections are kept)."""
+def write_results(text: str, section: str = SECTION) -> None:
+    """Replace ``section`` of RESULTS.md with ``text`` (other sections are kept)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else \
         old.rstrip("\n") + "\n\n" + text + "\n"
     RESULTS.write_text(new)

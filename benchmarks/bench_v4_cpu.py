@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench_cpu import RESULTS, Machine, best_time, filled_cache, machine_description, vllm_2d
+from bench_cpu import (Machine, best_time, filled_cache, machine_description, vllm_2d,
+                       write_results)
 from vllm_mla_backend import ops
 from vllm_mla_backend.layouts import KVLayout
 
@@ -108,17 +109,6 @@ def table(results: list[Result], machine: Machine) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (other sections are kept)."""
-    import re
-
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else \
-        old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16, 64])
@@ -160,7 +150,7 @@ def main(argv=None) -> int:
         "", table(results, machine), ""])
     print(text)
     if args.write_results:
-        write_results(text)
+        write_results(text, SECTION)
     return 0
 
 

@@ -1,7 +1,7 @@
 """DeepSeek V3.2's indexer on CPU (backend/sparse_v32_cpu.py): the torch pieces against float64
-formulas, the cache bytes against the page layout vLLM's CPU logits kernel reads, and the whole
-indexer step (K insert, vLLM's ``fp8_paged_mqa_logits_cpu``, top-k) against a float64 reference
-of DeepSeek V3.2's index score on the same quantized inputs."""
+formulas, the cache bytes against the page layout (which vLLM's CPU logits kernel reads too), and
+the index scores and top-k selection against a float64 reference of DeepSeek V3.2's index score
+on the same quantized inputs."""
 
 from __future__ import annotations
 
@@ -129,57 +129,79 @@ def _index_scores_f64(q_fp8, q_scale, k, weights) -> torch.Tensor:
             ).sum(1)
 
 
-def test_vllm_cpu_logits_kernel_reads_the_cache_we_write():
-    """Our insert + vLLM's ``fp8_paged_mqa_logits_cpu`` (the kernel the indexer step calls)
-    give the float64 index scores, through a shuffled block table and a padded block stride."""
-    pytest.importorskip("vllm._C")
-    from vllm import _custom_ops as vllm_ops
+def _filled_cache(gen, n: int, table: torch.Tensor, block_size: int, blocks: int):
+    """An indexer cache with n random K written through ``table`` (one request), and the K."""
+    cache = _indexer_cache(blocks, block_size, pad_bytes=256)
+    pos = torch.arange(n)
+    k = torch.randn(n, HEAD_DIM, generator=gen)
+    v32.insert_indexer_k(k, cache, table[pos // block_size].long() * block_size
+                         + pos % block_size)
+    return cache, k
 
+
+def test_index_scores_match_float64_and_vllm_cpu_kernel():
+    """Our GEMM index scores, vLLM's ``fp8_paged_mqa_logits_cpu`` (reading the cache we write,
+    through a shuffled page table and a padded block stride) and the float64 formula agree."""
     gen = torch.Generator().manual_seed(4)
     block_size, blocks, heads, n = 64, 6, 16, 150
-    cache = _indexer_cache(blocks, block_size, pad_bytes=256)
-    table = torch.tensor([[4, 1, 5]], dtype=torch.int32)
-    pos = torch.arange(n)
-    slots = table[0, pos // block_size].long() * block_size + pos % block_size
-    k = torch.randn(n, HEAD_DIM, generator=gen)
-    v32.insert_indexer_k(k, cache, slots)
-    q = torch.randn(3, heads, HEAD_DIM, generator=gen)
-    q_fp8, q_scale = v32.quantize_fp8_groups(q, HEAD_DIM)
+    table = torch.tensor([4, 1, 5], dtype=torch.int32)
+    cache, k = _filled_cache(gen, n, table, block_size, blocks)
+    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(3, heads, HEAD_DIM, generator=gen),
+                                             HEAD_DIM)
     q_scale = q_scale.squeeze(-1)
     weights = torch.randn(3, heads, generator=gen)
+    expect = _index_scores_f64(q_fp8, q_scale, k, weights)
+    values, scales = v32.indexer_cache_regions(cache, HEAD_DIM)
+    pages = table.long()
+    ours = v32.index_scores(q_fp8, weights * q_scale, values[pages].reshape(-1, HEAD_DIM)[:n],
+                            scales[pages].reshape(-1)[:n])
+    torch.testing.assert_close(ours.double(), expect, rtol=1e-5, atol=1e-5)
+    vllm_c = pytest.importorskip("vllm._custom_ops")
     lengths = torch.tensor([150, 64, 1], dtype=torch.int32)
     kv_view = cache.as_strided((blocks, block_size * (HEAD_DIM + 4)), (cache.stride(0), 1))
-    logits = vllm_ops.fp8_paged_mqa_logits_cpu(q_fp8, kv_view, (weights * q_scale).contiguous(),
-                                               lengths, table.expand(3, -1).contiguous(),
-                                               block_size, n)
-    expect = _index_scores_f64(q_fp8, q_scale, k, weights)
+    theirs = vllm_c.fp8_paged_mqa_logits_cpu(q_fp8, kv_view, (weights * q_scale).contiguous(),
+                                             lengths, table.expand(3, -1).contiguous(),
+                                             block_size, n)
     for row, length in enumerate(lengths.tolist()):
-        torch.testing.assert_close(logits[row, :length].double(), expect[row, :length],
+        torch.testing.assert_close(theirs[row, :length].double(), expect[row, :length],
                                    rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("logits_budget", [100, 1 << 25])
 def test_index_rows_selects_the_float64_top_k(logits_budget):
-    """Top-k 32 of up to 150 positions per row, rows of different lengths (one empty, one
-    shorter than k); a small budget runs one row per kernel call: same selection."""
-    pytest.importorskip("vllm._C")
+    """Two requests' rows (a decode row; prefill rows of causal lengths, one empty, some
+    shorter than k), top-k 32 of up to 150 positions; a small budget scores one row per GEMM:
+    the same selection."""
     gen = torch.Generator().manual_seed(5)
-    block_size, blocks, heads, n, topk = 64, 6, 16, 150, 32
-    cache = _indexer_cache(blocks, block_size, pad_bytes=128)
-    table = torch.tensor([[2, 0, 4]], dtype=torch.int32).expand(5, -1)
+    block_size, blocks, heads, n, topk = 64, 8, 16, 150, 32
+    tables = torch.tensor([[2, 0, 4], [7, 5, 3]], dtype=torch.int32)
+    cache, k0 = _filled_cache(gen, n, tables[0], block_size, blocks)
     pos = torch.arange(n)
-    k = torch.randn(n, HEAD_DIM, generator=gen)
-    v32.insert_indexer_k(k, cache, table[0, pos // block_size].long() * block_size
+    k1 = torch.randn(n, HEAD_DIM, generator=gen)
+    v32.insert_indexer_k(k1, cache, tables[1, pos // block_size].long() * block_size
                          + pos % block_size)
-    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(5, heads, HEAD_DIM, generator=gen),
+    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(6, heads, HEAD_DIM, generator=gen),
                                              HEAD_DIM)
     q_scale = q_scale.squeeze(-1)
-    weights = torch.randn(5, heads, generator=gen)
-    lengths = torch.tensor([150, 97, 0, 20, 64])
-    out = torch.full((5, topk), 123, dtype=torch.int32)
-    v32.index_rows(q_fp8, weights * q_scale, cache, lengths, table, topk, out, logits_budget)
-    scores = _index_scores_f64(q_fp8, q_scale, k, weights)
+    weights = torch.randn(6, heads, generator=gen)
+    row_request = torch.tensor([0, 1, 1, 1, 1, 1])
+    lengths = torch.tensor([150, 0, 20, 64, 97, 150])
+    out = torch.full((6, topk), 123, dtype=torch.int32)
+    v32.index_rows(q_fp8, weights * q_scale, cache, lengths, row_request, tables, topk, out,
+                   logits_budget)
     for row, length in enumerate(lengths.tolist()):
-        expect = sorted(scores[row, :length].topk(min(topk, length)).indices.tolist())
+        k = (k0, k1)[int(row_request[row])]
+        scores = _index_scores_f64(q_fp8[row:row + 1], q_scale[row:row + 1], k,
+                                   weights[row:row + 1])[0]
+        expect = sorted(scores[:length].topk(min(topk, length)).indices.tolist())
         assert sorted(x for x in out[row].tolist() if x >= 0) == expect
         assert (out[row] < 0).sum() == topk - len(expect)
+
+
+def test_index_rows_rejects_a_short_page_table():
+    cache = _indexer_cache(4, 64)
+    q_fp8 = torch.zeros(1, 16, HEAD_DIM).to(torch.float8_e4m3fn)
+    with pytest.raises(IndexError, match="page-table row"):
+        v32.index_rows(q_fp8, torch.ones(1, 16), cache, torch.tensor([130]), torch.tensor([0]),
+                       torch.tensor([[0, 1]], dtype=torch.int32), 32,
+                       torch.empty(1, 32, dtype=torch.int32))

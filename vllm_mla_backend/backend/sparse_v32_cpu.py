@@ -18,7 +18,8 @@ layers.  When that backend's impl is built for a layer that owns an indexer, ``a
 turns the layer's ``SparseAttnIndexer`` into a ``CPUSparseAttnIndexer``, whose step is one
 opaque custom op (vLLM traces the CPU model once: a Python forward branching on metadata would
 be frozen into the first trace): K into the cache (``insert_indexer_k``, DeepGEMM's page layout
-that vLLM's CPU kernels read), logits by vLLM's CPU kernel ``fp8_paged_mqa_logits_cpu``, top-k
+that vLLM's CPU kernels read), index scores as float32 GEMMs per request (``index_scores``:
+vLLM's CPU kernel ``fp8_paged_mqa_logits_cpu`` is 20-40x slower, benchmarks/RESULTS.md), top-k
 by ``select_topk`` (any k).  The first such layer also installs ``install_v32_support``: q
 quantized by ``quantize_fp8_groups`` (the Triton kernel's arithmetic in torch) and the prefill
 rows from ``prefill_chunk_rows`` (through vLLM's own Triton-override hook).  ``config_fixups``
@@ -34,7 +35,7 @@ import torch
 from .registration import current_mode
 
 INDEXER_BLOCK_SIZE = 64      # DeepseekV32IndexerBackend's only kernel block size
-LOGITS_BUDGET = 1 << 25      # float32 indexer logits per kernel call (128 MiB)
+LOGITS_BUDGET = 1 << 25      # float32 per-head index scores per slice of rows (128 MiB)
 FP8_MAX = 448.0              # e4m3fn
 _MARK = "_vllm_mla_backend_wrapped"
 
@@ -148,36 +149,50 @@ def prefill_chunk_rows(query_start_loc_ptr, uncompressed_seq_lens_ptr, cu_compre
         torch.repeat_interleave(torch.arange(num_reqs), cu[1:] - cu[:-1]))
 
 
-def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
-               lengths: torch.Tensor, page_table: torch.Tensor, topk: int, out: torch.Tensor,
-               logits_budget: int = LOGITS_BUDGET) -> None:
-    """Top-k positions of query rows ``q_fp8 [n, H, 128]`` (weights ``[n, H]``: the per-head
-    weights times q's scales) over the indexer cache, row i over its first ``lengths[i]``
-    positions through ``page_table[i]``, into ``out [n, topk]``: index scores by vLLM's CPU
-    kernel, a slice of rows at a time so that its logits stay within ``logits_budget``."""
-    from vllm import _custom_ops as vllm_ops
+def index_scores(q_fp8: torch.Tensor, weights: torch.Tensor, k: torch.Tensor,
+                 k_scale: torch.Tensor) -> torch.Tensor:
+    """DeepSeek V3.2's index score of query rows against one request's tokens: ``[rows, L]``,
+    ``sum_h weights[r, h] * relu(k_scale[t] * (q[r, h] . k[t]))``, in float32 (e4m3 products
+    are exact in it).  ``q_fp8 [rows, H, D]`` e4m3 (its scales folded into ``weights``),
+    ``k [L, D]`` e4m3 and ``k_scale [L]`` as the indexer cache holds them."""
+    rows, heads, dim = q_fp8.shape
+    dots = torch.mm(q_fp8.reshape(rows * heads, dim).float(), k.float().t())    # [rows*H, L]
+    dots = torch.relu_(dots.view(rows, heads, -1).mul_(k_scale.float()))
+    return torch.bmm(weights.float().unsqueeze(1), dots).squeeze(1)
 
-    n = q_fp8.shape[0]
-    max_len = int(lengths.max()) if n > 0 else 0
-    if max_len == 0:
-        out.fill_(-1)
-        return
-    values, _ = indexer_cache_regions(kv_cache, q_fp8.shape[-1])
+
+def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+               lengths: torch.Tensor, row_request: torch.Tensor, page_table: torch.Tensor,
+               topk: int, out: torch.Tensor, logits_budget: int = LOGITS_BUDGET) -> None:
+    """Top-k positions of query rows ``q_fp8 [n, H, D]`` (``weights [n, H]``: per-head weights
+    times q's scales) into ``out [n, topk]``: row i scores the first ``lengths[i]`` tokens of
+    request ``row_request[i]`` (pages ``page_table[row_request[i]]``).  The rows of a request
+    are consecutive (vLLM's order) and share one gather of its K; the scores of ``H * L``
+    floats per row go a slice of rows at a time, within ``logits_budget`` floats."""
+    n, heads, dim = q_fp8.shape
+    values, scales = indexer_cache_regions(kv_cache, dim)
     block_size = values.shape[1]
-    kv_view = kv_cache.as_strided((kv_cache.shape[0], block_size * kv_cache.shape[2]),
-                                  (kv_cache.stride(0), 1), kv_cache.storage_offset())
-    lengths, page_table = lengths.to(torch.int32), page_table.to(torch.int32)
-    step = max(1, logits_budget // max_len)
-    for r0 in range(0, n, step):
-        rows = slice(r0, min(n, r0 + step))
-        part_len = int(lengths[rows].max())
-        if part_len == 0:
+    lengths = lengths.long()
+    requests, counts = torch.unique_consecutive(row_request.long(), return_counts=True)
+    r0 = 0
+    for req, count in zip(requests.tolist(), counts.tolist()):
+        rows = slice(r0, r0 + count)
+        r0 += count
+        length = int(lengths[rows].max())
+        if length == 0:
             out[rows] = -1
             continue
-        logits = vllm_ops.fp8_paged_mqa_logits_cpu(
-            q_fp8[rows].contiguous(), kv_view, weights[rows].float().contiguous(),
-            lengths[rows].contiguous(), page_table[rows].contiguous(), block_size, part_len)
-        select_topk(logits, lengths[rows], topk, out[rows])
+        pages = page_table[req, : -(-length // block_size)].long()
+        if pages.numel() * block_size < length:
+            raise IndexError(f"indexer: a row of {length} tokens needs more pages than its "
+                             f"page-table row has ({page_table.shape[1]})")
+        k = values[pages].reshape(-1, dim)[:length]
+        k_scale = scales[pages].reshape(-1)[:length]
+        step = max(1, logits_budget // (heads * length))
+        for s0 in range(rows.start, rows.stop, step):
+            part = slice(s0, min(rows.stop, s0 + step))
+            scores = index_scores(q_fp8[part], weights[part], k, k_scale)
+            select_topk(scores, lengths[part], topk, out[part])
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,23 +214,24 @@ def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     out = topk_indices_buffer[:num_tokens, :topk]
     out.fill_(-1)
 
-    def attend(rows: slice, lengths, page_table):
-        index_rows(q_fp8[rows], weights[rows], kv_cache, lengths, page_table, topk, out[rows])
-
     if meta.num_decodes > 0:
         dec = meta.decode
         if dec.requires_padding:
             raise NotImplementedError("vllm-mla-backend: speculative decoding with a DeepSeek "
                                       "V3.2 model on CPU")
         lens = dec.seq_lens[:, -1] if dec.seq_lens.ndim == 2 else dec.seq_lens
+        rows = slice(0, meta.num_decode_tokens)
         batch = dec.decode_lens.shape[0]
-        attend(slice(0, meta.num_decode_tokens), lens[:batch], dec.block_table[:batch])
+        index_rows(q_fp8[rows], weights[rows], kv_cache, lens[:batch], torch.arange(batch),
+                   dec.block_table, topk, out[rows])
     if meta.num_prefills > 0:
         for chunk in meta.prefill.chunks:
-            lengths = chunk.cu_seqlen_ke - chunk.cu_seqlen_ks
+            rows = slice(chunk.token_start, chunk.token_end)
             req = torch.searchsorted(chunk.cu_seq_lens[:-1].contiguous(), chunk.cu_seqlen_ks,
                                      right=True) - 1
-            attend(slice(chunk.token_start, chunk.token_end), lengths, chunk.block_table[req])
+            index_rows(q_fp8[rows], weights[rows], kv_cache,
+                       chunk.cu_seqlen_ke - chunk.cu_seqlen_ks, req, chunk.block_table, topk,
+                       out[rows])
 
 
 def _indexer_step_fake(q_fp8, k, weights, topk_indices_buffer, k_cache_prefix, topk) -> None:
