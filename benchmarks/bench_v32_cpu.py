@@ -41,6 +41,7 @@ class Row:
     part: str
     seconds: float
     bytes: int
+    flops: int
     peer: str = ""
     peer_seconds: float = 0.0
 
@@ -112,29 +113,34 @@ def run_shape(shape: Shape, machine: Machine, args) -> list[Row]:
     index_bytes = b * ctx * (INDEX_DIM + 4) + b * INDEX_HEADS * (INDEX_DIM + 4)
     attn_bytes = b * TOPK * layout.bytes_per_token + b * HEADS * (layout.d_qk + layout.d_v) * 2
     clone_s = best_time(clone_only, args.repeats)
+    index_flops = 2 * b * ctx * INDEX_HEADS * INDEX_DIM
+    attn_flops = 2 * b * TOPK * HEADS * (layout.d_qk + layout.d_v)
     return [
         Row(f"indexer: index scores + top-k {TOPK} (peer: vLLM's fp8_paged_mqa_logits_cpu)",
-            best_time(indexer, args.repeats, flush), index_bytes, "vLLM",
+            best_time(indexer, args.repeats, flush), index_bytes, index_flops, "vLLM",
             best_time(vllm_indexer, args.repeats, flush)),
         Row("top-k 512 of the scores (peer: vLLM's topk_transform_512_cpu)",
-            best_time(ours_512, args.repeats) - clone_s, b * ctx * 4, "vLLM",
+            best_time(ours_512, args.repeats) - clone_s, b * ctx * 4, 0, "vLLM",
             best_time(vllm_512, args.repeats) - clone_s),
         Row(f"sparse MLA, top-k {TOPK}, h_q {HEADS}, V32_FP8",
-            best_time(attention, args.repeats, flush), attn_bytes),
+            best_time(attention, args.repeats, flush), attn_bytes, attn_flops),
     ]
 
 
 def table(results: list[tuple[Shape, list[Row]]], machine: Machine) -> str:
-    head = ["shape", "part", "ms", "GB/s", "% of read BW", "peer ms", "ours faster by"]
+    head = ["shape", "part", "ms", "GB/s", "% of read BW", "TFLOPS", "% of matmul", "peer ms",
+            "ours faster by"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, rows in results:
         for r in rows:
-            gbs = r.bytes / r.seconds / 1e9
+            gbs, tflops = r.bytes / r.seconds / 1e9, r.flops / r.seconds / 1e12
+            compute = [f"{tflops:.3f}", f"{100 * tflops / machine.matmul_tflops:.0f}%"] \
+                if r.flops else ["", ""]
             peer = [f"{r.peer_seconds * 1e3:.2f}", f"{r.peer_seconds / r.seconds:.2f}x"] \
                 if r.peer else ["", ""]
             lines.append("| " + " | ".join([str(shape), r.part, f"{r.seconds * 1e3:.2f}",
                                             f"{gbs:.1f}", f"{100 * gbs / machine.read_gbs:.0f}%",
-                                            *peer]) + " |")
+                                            *compute, *peer]) + " |")
     return "\n".join(lines)
 
 
@@ -156,8 +162,10 @@ def main(argv=None) -> int:
     text = (f"{SECTION}\n\n{now}; {machine_description()}; torch {torch.__version__}; "
             f"{args.threads} threads. Command: `python benchmarks/bench_v32_cpu.py "
             f"{' '.join(str(s) for s in args.shapes)}`.\nRead bandwidth {machine.read_gbs:.1f} "
-            f"GB/s (best flush of the run). The top-k row is compute on logits already in "
-            f"cache (a clone subtracted), its GB/s over the logits read.\n\n"
+            f"GB/s (best flush of the run), bf16 matmul {machine.matmul_tflops:.2f} TFLOPS "
+            f"(4096^3); indexer FLOPs = 2 * context * 64 heads * 128 per request. The top-k "
+            f"row is compute on scores already in cache (a clone subtracted), its GB/s over "
+            f"the scores read.\n\n"
             f"{table(results, machine)}\n")
     print(text)
     if args.write_results:

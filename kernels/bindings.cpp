@@ -19,10 +19,13 @@
 TORCH_LIBRARY(vllm_mla, m) {
   vllm_mla::define_kernel_ops(m);
   m.def("cpu_isa() -> str");
+  // CPU only: DeepSeek V3.2's indexer (vllm_mla_backend/backend/sparse_v32_cpu.py)
+  m.def("indexer_k_dequant(Tensor cache, Tensor pages, int length, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_mla, CPU, m) {
   VLLM_MLA_IMPL_KERNEL_OPS(m, vllm_mla::cpu);
+  m.impl("indexer_k_dequant", &vllm_mla::cpu::indexer_k_dequant);
 }
 
 TORCH_LIBRARY_IMPL(vllm_mla, CompositeExplicitAutograd, m) {

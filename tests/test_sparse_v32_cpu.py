@@ -139,6 +139,26 @@ def _filled_cache(gen, n: int, table: torch.Tensor, block_size: int, blocks: int
     return cache, k
 
 
+@pytest.mark.parametrize("impl", [None, "reference"])
+def test_dequant_indexer_k_is_exact(impl):
+    """Our C++ gather (and the torch one) against e4m3 times scale in float64; an e4m3 NaN
+    byte stays NaN; a page outside the cache is an IndexError, never a read."""
+    gen = torch.Generator().manual_seed(6)
+    block_size, blocks, n = 16, 5, 40
+    table = torch.tensor([3, 0, 4], dtype=torch.int32)
+    cache, k = _filled_cache(gen, n, table, block_size, blocks)
+    values, scales = v32.indexer_cache_regions(cache, HEAD_DIM)
+    values.view(torch.uint8)[0, 5, 7] = 0x7F                       # token 16 + 5, element 7
+    got = v32.dequant_indexer_k(cache, table, n, impl)
+    kq, ks = v32.quantize_fp8_groups(k, HEAD_DIM)
+    expect = kq.double() * ks.double()
+    expect[21, 7] = float("nan")
+    torch.testing.assert_close(got.double(), expect, rtol=0, atol=0, equal_nan=True)
+    if impl is None:
+        with pytest.raises(IndexError, match="outside the cache"):
+            v32.dequant_indexer_k(cache, torch.tensor([3, 9], dtype=torch.int32), 20, impl)
+
+
 def test_index_scores_match_float64_and_vllm_cpu_kernel():
     """Our GEMM index scores, vLLM's ``fp8_paged_mqa_logits_cpu`` (reading the cache we write,
     through a shuffled page table and a padded block stride) and the float64 formula agree."""
@@ -151,10 +171,7 @@ def test_index_scores_match_float64_and_vllm_cpu_kernel():
     q_scale = q_scale.squeeze(-1)
     weights = torch.randn(3, heads, generator=gen)
     expect = _index_scores_f64(q_fp8, q_scale, k, weights)
-    values, scales = v32.indexer_cache_regions(cache, HEAD_DIM)
-    pages = table.long()
-    ours = v32.index_scores(q_fp8, weights * q_scale, values[pages].reshape(-1, HEAD_DIM)[:n],
-                            scales[pages].reshape(-1)[:n])
+    ours = v32.index_scores(q_fp8.float(), weights * q_scale, v32.dequant_indexer_k(cache, table, n))
     torch.testing.assert_close(ours.double(), expect, rtol=1e-5, atol=1e-5)
     vllm_c = pytest.importorskip("vllm._custom_ops")
     lengths = torch.tensor([150, 64, 1], dtype=torch.int32)
@@ -167,11 +184,14 @@ def test_index_scores_match_float64_and_vllm_cpu_kernel():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("logits_budget", [100, 1 << 25])
-def test_index_rows_selects_the_float64_top_k(logits_budget):
+@pytest.mark.parametrize("logits_budget,chunk,mode", [(1 << 25, 4096, "1"), (100, 64, "1"),
+                                                     (1 << 25, 64, "reference")])
+def test_index_rows_selects_the_float64_top_k(logits_budget, chunk, mode, monkeypatch):
     """Two requests' rows (a decode row; prefill rows of causal lengths, one empty, some
-    shorter than k), top-k 32 of up to 150 positions; a small budget scores one row per GEMM:
-    the same selection."""
+    shorter than k), top-k 32 of up to 150 positions: the same selection with one GEMM per
+    request, one row and 64 tokens per GEMM, and on the reference path (plain float32)."""
+    monkeypatch.setattr(v32, "SCORE_CHUNK", chunk)
+    monkeypatch.setenv("VLLM_MLA_BACKEND", mode)
     gen = torch.Generator().manual_seed(5)
     block_size, blocks, heads, n, topk = 64, 8, 16, 150, 32
     tables = torch.tensor([[2, 0, 4], [7, 5, 3]], dtype=torch.int32)

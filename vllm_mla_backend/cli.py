@@ -167,18 +167,25 @@ DEMO_PROMPT = "Once upon a time there was a small robot who"
 DEMO_CHAT = [{"role": "user", "content": "Can you tell me a short story about the sea?"}]
 
 
-def demo(moe: bool = False, keep_logs: bool = False) -> int:
-    """Build the tiny model (cached), serve it with our backend, one completion, one chat."""
+DEMO_V32_TOPK = 64   # the smallest the tiny builder makes (its prompts here are shorter)
+
+
+def demo(moe: bool = False, keep_logs: bool = False, v32: bool = False) -> int:
+    """Build the tiny model (cached), serve it with our backend, one completion, one chat.
+    ``v32``: the DeepSeek V3.2 variant (a DSA indexer per layer) with V3.2's fp8_ds_mla cache."""
     from openai import OpenAI
 
     from .tiny_model import build_tiny_model
 
     t0 = time.perf_counter()
-    model = build_tiny_model(moe=moe)
-    print(f"[demo] tiny DeepSeek-V3 model ({'MoE' if moe else 'dense'}): {model} "
+    model = build_tiny_model(moe=moe, index_topk=DEMO_V32_TOPK if v32 else None)
+    arch = f"DeepSeek-V3.2 (indexer top-k {DEMO_V32_TOPK})" if v32 else "DeepSeek-V3"
+    print(f"[demo] tiny {arch} model ({'MoE' if moe else 'dense'}): {model} "
           f"({time.perf_counter() - t0:.1f} s)")
     env = server_env_defaults()
     args = ["--max-model-len", "2048", "--dtype", "bfloat16"]
+    if v32:
+        args += ["--kv-cache-dtype", "fp8_ds_mla"]
     print(f"[demo] starting: {ENV_VAR}={env[ENV_VAR]} vllm-mla serve <model> {' '.join(args)}")
     t0 = time.perf_counter()
     with Server(model, args, env=env) as server:
@@ -316,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="tiny model -> OpenAI server -> completion + chat")
     p_demo.add_argument("--moe", action="store_true", help="the MoE variant of the tiny model")
     p_demo.add_argument("--keep-logs", action="store_true", help="keep the server log file")
+    p_demo.add_argument("--v32", action="store_true",
+                        help="the DeepSeek V3.2 variant (DSA indexer), fp8_ds_mla cache")
     p_bench = sub.add_parser("bench", help="tiny-model decode throughput and engine start: "
                                            "our backend vs vLLM's own, alternating")
     bench.add_arguments(p_bench)
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench.command(args)
     if args.cmd == "demo":
         try:
-            return demo(moe=args.moe, keep_logs=args.keep_logs)
+            return demo(moe=args.moe, keep_logs=args.keep_logs, v32=args.v32)
         except (RuntimeError, TimeoutError) as e:   # the server's log tail is in the message
             print(f"[demo] FAILED: {e}", file=sys.stderr)
             return 1

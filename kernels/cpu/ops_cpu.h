@@ -48,6 +48,11 @@ void sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch
                     const std::optional<torch::Tensor>& attn_sink, torch::Tensor& out,
                     torch::Tensor& max_logits, torch::Tensor& lse, double softmax_scale);
 
+// indexer.cpp: DeepSeek V3.2's indexer cache (uint8 [blocks, block_size, head_dim + 4]) ->
+// float32 [length, head_dim]: token t from block pages[t / block_size], times its scale.
+void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
+                       torch::Tensor& out);
+
 // isa.cpp: the instruction set the kernels dispatch to on this CPU ("amx", "avx512bf16", ...).
 std::string isa_name();
 

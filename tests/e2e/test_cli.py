@@ -67,3 +67,15 @@ def test_bench_measures_both_backends(tiny_dense):
     assert ", prefill 256 " in out.stdout
     # Ours really served (our startup line, in vLLM's log on stdout): in one engine only.
     assert (out.stdout + out.stderr).count("vllm-mla-backend active") == 1, out.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_demo_v32_serves_deepseek_v32_on_cpu():
+    """`vllm-mla demo --v32`: the tiny DeepSeek V3.2 model through vLLM's OpenAI server
+    (compiled graph, fp8_ds_mla cache); test_v32_e2e.py checks what it computes."""
+    out = _cli("demo", "--v32", timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[completion] text:" in out.stdout and "[chat] assistant:" in out.stdout
+    assert ("vllm-mla-backend active for DeepSeek V3.2 sparse MLA: kernels native cpu, "
+            "kv-cache dtype fp8_ds_mla -> layout V32_FP8 (656 B/token), block size 64"
+            ) in out.stdout
