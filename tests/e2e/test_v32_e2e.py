@@ -103,3 +103,12 @@ def test_without_our_backend_vllm_cpu_refuses_v32(tiny_v32):
         run_engine(tiny_v32, backend="0", waves=[],
                    llm=engine_kwargs("float32", enforce_eager=True))
     assert "Sparse Attention is not supported on CPU" in failure.value.log
+
+
+def test_speculative_decoding_is_a_clear_error_at_startup(tiny_v32):
+    with pytest.raises(EngineFailed) as failure:
+        run_engine(tiny_v32, backend="1", waves=[], llm=engine_kwargs(
+            "float32", enforce_eager=True,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                "prompt_lookup_max": 3}))
+    assert "speculative decoding with a DeepSeek V3.2 model on CPU" in failure.value.log

@@ -154,9 +154,9 @@ def prefill_chunk_rows(query_start_loc_ptr, uncompressed_seq_lens_ptr, cu_compre
 def dequant_indexer_k(kv_cache: torch.Tensor, pages: torch.Tensor, length: int,
                       impl: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The first ``length`` tokens on ``pages`` (a request's page-table row) as float32
-    ``[length, head_dim]``: e4m3 times each token's scale (exact).  Our C++ table lookup
-    (torch's e4m3 conversion is 25x slower here) into ``out`` if given (its first ``length``
-    rows; reused buffers spare fresh pages), or torch with ``impl="reference"``."""
+    ``[length, head_dim]``: e4m3 times each token's scale (exact).  Our C++ op (torch's e4m3
+    conversion is 25x slower here) into ``out`` if given (its first ``length`` rows; reused
+    buffers spare fresh pages), or torch with ``impl="reference"``."""
     head_dim = kv_cache.shape[2] - 4
     if impl != "reference":
         from ..ops import _load_kernels
@@ -329,6 +329,10 @@ def adopt_indexer(indexer) -> None:
                                   "(uncompressed fp8 cache, K inserted by the indexer)")
     if op.dcp_world_size > 1 or op.use_pcp:
         raise NotImplementedError("vllm-mla-backend: context parallelism on CPU")
+    from vllm.config import get_current_vllm_config
+    if get_current_vllm_config().speculative_config is not None:
+        raise NotImplementedError("vllm-mla-backend: speculative decoding with a DeepSeek V3.2 "
+                                  "model on CPU (its indexer takes one query token per request)")
     install_v32_support()
     op.__class__ = _indexer_cls()
     op._forward_method = op.forward_cpu    # CustomOp binds its forward at construction
