@@ -184,14 +184,19 @@ def test_index_scores_match_float64_and_vllm_cpu_kernel():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("logits_budget,chunk,mode", [(1 << 25, 4096, "1"), (100, 64, "1"),
-                                                     (1 << 25, 64, "reference")])
-def test_index_rows_selects_the_float64_top_k(logits_budget, chunk, mode, monkeypatch):
+@pytest.mark.parametrize("logits_budget,chunk,mode,isa", [
+    (1 << 25, 4096, "1", None), (100, 64, "1", None),            # AMX: the fused kernel
+    (1 << 25, 4096, "1", "avx512"), (100, 64, "1", "avx512"),    # GEMMs
+    (1 << 25, 64, "reference", None)])
+def test_index_rows_selects_the_float64_top_k(logits_budget, chunk, mode, isa, monkeypatch):
     """Two requests' rows (a decode row; prefill rows of causal lengths, one empty, some
-    shorter than k), top-k 32 of up to 150 positions: the same selection with one GEMM per
-    request, one row and 64 tokens per GEMM, and on the reference path (plain float32)."""
+    shorter than k), top-k 32 of up to 150 positions: the same selection with the AMX kernel
+    (where present) or GEMMs, one row (and 64 tokens) at a time or all, and on the reference
+    path (plain float32)."""
     monkeypatch.setattr(v32, "SCORE_CHUNK", chunk)
     monkeypatch.setenv("VLLM_MLA_BACKEND", mode)
+    if isa:
+        monkeypatch.setenv("VLLM_MLA_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(5)
     block_size, blocks, heads, n, topk = 64, 8, 16, 150, 32
     tables = torch.tensor([[2, 0, 4], [7, 5, 3]], dtype=torch.int32)
@@ -225,3 +230,45 @@ def test_index_rows_rejects_a_short_page_table():
         v32.index_rows(q_fp8, torch.ones(1, 16), cache, torch.tensor([130]), torch.tensor([0]),
                        torch.tensor([[0, 1]], dtype=torch.int32), 32,
                        torch.empty(1, 32, dtype=torch.int32))
+
+
+def _amx_scores_or_skip():
+    from vllm_mla_backend.ops import _load_kernels
+    kernels = _load_kernels("cpu")
+    if not kernels.indexer_scores_available():
+        pytest.skip("the fused index-score kernel needs AMX")
+    return kernels
+
+
+def test_amx_index_scores_match_float64():
+    """Three rows over 150 tokens (2 full chunks of 64 and a ragged one) through a shuffled page
+    table and a padded block stride; the columns past the length are left alone."""
+    kernels = _amx_scores_or_skip()
+    gen = torch.Generator().manual_seed(7)
+    block_size, blocks, heads, n = 64, 6, 32, 150
+    table = torch.tensor([4, 1, 5], dtype=torch.int32)
+    cache, k = _filled_cache(gen, n, table, block_size, blocks)
+    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(3, heads, HEAD_DIM, generator=gen),
+                                             HEAD_DIM)
+    q_scale = q_scale.squeeze(-1)
+    weights = torch.randn(3, heads, generator=gen)
+    out = torch.full((3, 160), 7.0)
+    kernels.indexer_scores(q_fp8, (weights * q_scale).contiguous(), cache, table, n, out)
+    expect = _index_scores_f64(q_fp8, q_scale, k, weights)
+    torch.testing.assert_close(out[:, :n].double(), expect, rtol=1e-5, atol=1e-5)
+    assert (out[:, n:] == 7.0).all()
+
+
+def test_amx_index_scores_reject_bad_input():
+    kernels = _amx_scores_or_skip()
+    cache = _indexer_cache(2, 64)
+    q = torch.zeros(1, 16, HEAD_DIM).to(torch.float8_e4m3fn)
+    w, out = torch.ones(1, 16), torch.empty(1, 64)
+    with pytest.raises(IndexError, match="outside the cache"):
+        kernels.indexer_scores(q, w, cache, torch.tensor([2], dtype=torch.int32), 64, out)
+    with pytest.raises(IndexError, match="pages given"):
+        kernels.indexer_scores(q, w, cache, torch.tensor([0], dtype=torch.int32), 65, out)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.indexer_scores(torch.zeros(1, 8, HEAD_DIM).to(torch.float8_e4m3fn),
+                               torch.ones(1, 8), cache, torch.tensor([0], dtype=torch.int32),
+                               64, out)

@@ -7,9 +7,11 @@
 
 #include <array>
 #include <cstring>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/kv_load.h"
+#include "cpu/micro_kernels.h"
 #include "cpu/ops_cpu.h"
 
 #pragma GCC push_options
@@ -40,33 +42,42 @@ struct E4m3Table {
 
 }  // namespace
 
-void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
-                       torch::Tensor& out) {
-  TORCH_CHECK(cache.scalar_type() == torch::kUInt8 && cache.dim() == 3,
-              "indexer_k_dequant: cache must be uint8 [blocks, block_size, head_dim + 4]");
+namespace {
+
+// The checks both ops share; the cache view of `pages` for `length` tokens.
+IndexerCacheView checked_view(const char* op, const torch::Tensor& cache,
+                              const torch::Tensor& pages, int64_t length) {
+  TORCH_CHECK(cache.scalar_type() == torch::kUInt8 && cache.dim() == 3, op,
+              ": cache must be uint8 [blocks, block_size, head_dim + 4]");
   const int64_t blocks = cache.size(0), block_size = cache.size(1), width = cache.size(2);
-  const int64_t head_dim = width - 4;
-  TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == width,
-              "indexer_k_dequant: cache rows must be contiguous within a block");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
-                  out.size(0) == length && out.size(1) == head_dim,
-              "indexer_k_dequant: out must be contiguous float32 [length, head_dim]");
+  TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == width, op,
+              ": cache rows must be contiguous within a block");
   TORCH_CHECK(pages.scalar_type() == torch::kInt32 && pages.is_contiguous() && pages.dim() == 1,
-              "indexer_k_dequant: pages must be contiguous int32 [P]");
-  TORCH_CHECK_INDEX(pages.numel() * block_size >= length, "indexer_k_dequant: ", length,
+              op, ": pages must be contiguous int32 [P]");
+  TORCH_CHECK_INDEX(pages.numel() * block_size >= length, op, ": ", length,
                     " tokens need more than the ", pages.numel(), " pages given");
   const int32_t* page = pages.data_ptr<int32_t>();
   for (int64_t p = 0; p < (length + block_size - 1) / block_size; ++p)
-    TORCH_CHECK_INDEX(page[p] >= 0 && page[p] < blocks, "indexer_k_dequant: page ", page[p],
+    TORCH_CHECK_INDEX(page[p] >= 0 && page[p] < blocks, op, ": page ", page[p],
                       " is outside the cache (", blocks, " blocks)");
+  return {cache.data_ptr<uint8_t>(), cache.stride(0), int(block_size), page};
+}
+
+}  // namespace
+
+void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
+                       torch::Tensor& out) {
+  const IndexerCacheView view = checked_view("indexer_k_dequant", cache, pages, length);
+  const int64_t block_size = view.block_size, head_dim = cache.size(2) - 4;
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == length && out.size(1) == head_dim,
+              "indexer_k_dequant: out must be contiguous float32 [length, head_dim]");
   static const E4m3Table table;
   const bool simd = head_dim % 16 == 0 && active_isa() >= Isa::kAvx512Bf16;
-  const uint8_t* base = cache.data_ptr<uint8_t>();
-  const int64_t block_stride = cache.stride(0);
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, length, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* blk = base + int64_t(page[t / block_size]) * block_stride;
+      const uint8_t* blk = view.base + int64_t(view.pages[t / block_size]) * view.stride;
       const int64_t off = t % block_size;
       const uint8_t* v = blk + off * head_dim;
       float scale;
@@ -78,6 +89,37 @@ void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, i
         for (int64_t i = 0; i < head_dim; ++i) o[i] = table.value[v[i]] * scale;
       }
     }
+  });
+}
+
+bool indexer_scores_available() { return active_isa() >= Isa::kAmx; }
+
+void indexer_scores(const torch::Tensor& q, const torch::Tensor& weights,
+                    const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
+                    torch::Tensor& out) {
+  const IndexerCacheView view = checked_view("indexer_scores", cache, pages, length);
+  TORCH_CHECK(indexer_scores_available(), "indexer_scores: needs AMX (this CPU: ",
+              isa_label(active_isa()), ")");
+  TORCH_CHECK(cache.size(2) == 128 + 4, "indexer_scores: head_dim must be 128");
+  TORCH_CHECK(q.element_size() == 1 && q.is_contiguous() && q.dim() == 3 && q.size(2) == 128 &&
+                  q.size(1) % 16 == 0,
+              "indexer_scores: q must be contiguous e4m3 [rows, heads (a multiple of 16), 128]");
+  const int64_t rows = q.size(0), heads = q.size(1);
+  TORCH_CHECK(weights.scalar_type() == torch::kFloat32 && weights.is_contiguous() &&
+                  weights.dim() == 2 && weights.size(0) == rows && weights.size(1) == heads,
+              "indexer_scores: weights must be contiguous float32 [rows, heads]");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) >= length && out.stride(1) == 1,
+              "indexer_scores: out must be float32 [rows, >= length], rows contiguous");
+  std::vector<uint16_t> packed(size_t(rows * heads * 128));
+  indexer_pack_q_amx(static_cast<const uint8_t*>(q.data_ptr()), int(rows), int(heads),
+                     packed.data());
+  const float* w = weights.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t ld = out.stride(0), chunks = (length + 63) / 64;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    indexer_scores_amx(packed.data(), w, int(rows), int(heads), view, begin * 64,
+                       end * 64 < length ? end * 64 : length, dst, ld);
   });
 }
 

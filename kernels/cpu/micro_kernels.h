@@ -94,6 +94,23 @@ struct MicroKernels {
 
 const MicroKernels& micro_kernels(Isa isa);
 
+// DeepSeek V3.2's indexer cache (DeepGEMM's paged layout: per block, block_size records of 128
+// e4m3 values, then block_size float32 scales), one request's pages.
+struct IndexerCacheView {
+  const uint8_t* base;
+  int64_t stride;        // block stride, bytes
+  int block_size;
+  const int32_t* pages;  // token t lives in block pages[t / block_size]
+};
+
+// AMX only (indexer.cpp): q [rows][heads][128] e4m3 -> packed bf16 (rows * heads * 128; heads a
+// multiple of 16); then for t in [t_begin, t_end), scores[r * ld + t] =
+// sum_h w[r][h] * relu(scale[t] * q[r][h] . k[t]).
+void indexer_pack_q_amx(const uint8_t* q, int rows, int heads, uint16_t* packed);
+void indexer_scores_amx(const uint16_t* q_packed, const float* w, int rows, int heads,
+                        const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
+                        float* scores, int64_t ld);
+
 const MicroKernels& micro_kernels_scalar();
 const MicroKernels& micro_kernels_avx2();
 const MicroKernels& micro_kernels_avx512();

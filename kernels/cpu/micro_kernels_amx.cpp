@@ -6,6 +6,8 @@
 // decoder (AVX512-VBMI).
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "cpu/micro_kernels.h"
 
 #pragma GCC push_options
@@ -392,8 +394,83 @@ static void attend(const uint16_t* qp, int m, const KRows& k, int n, int d, cons
   }
 }
 
+// DeepSeek V3.2's index scores for tokens [t_begin, t_end) of one request (indexer.cpp):
+// score[r][t] = sum_h w[r][h] * relu(k_scale[t] * q[r][h] . k[t]), K decoded 64 tokens at a time
+// into bf16 rows (e4m3 values are exact in bf16), the dot products on tiles (S^T, a head block of
+// 16 at a time, as the attention's scores), ReLU and the weighted head sum in float32 vectors.
+static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, int heads,
+                           const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
+                           float* scores, int64_t ld) {
+  constexpr int kDim = 128;
+  configure_tiles();
+  static const E4m3Decoder decode(0);
+  alignas(64) uint16_t k[kTokens][kDim];
+  alignas(64) float k_scale[kTokens];
+  alignas(64) float st[kTokens][kTile];
+  alignas(64) float sum[kTokens][kTile];
+  PrefetchQueue none;
+  const KRows krows = KRows::evenly_spaced(&k[0][0], kDim);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
+    const int n = int(t_end - t0 < kTokens ? t_end - t0 : kTokens);
+    for (int j = 0; j < kTokens; ++j) {
+      if (j < n) {
+        const int64_t t = t0 + j;
+        const uint8_t* blk = cache.base + int64_t(cache.pages[t / cache.block_size]) * cache.stride;
+        const int64_t off = t % cache.block_size;
+        decode(blk + off * kDim, k[j]);
+        decode(blk + off * kDim + 64, k[j] + 64);
+        std::memcpy(&k_scale[j], blk + int64_t(cache.block_size) * kDim + off * 4, 4);
+      } else {
+        for (int i = 0; i < kDim; i += 32) _mm512_store_si512(k[j] + i, _mm512_setzero_si512());
+        k_scale[j] = 0.f;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      for (int j = 0; j < kTokens; ++j) _mm512_store_ps(sum[j], _mm512_setzero_ps());
+      for (int b0 = 0; b0 < heads; b0 += kTile) {
+        scores_t(q_packed + (int64_t(r) * heads + b0) * kDim, krows, kDim, st, &none);
+        const __m512 wb = _mm512_loadu_ps(w + int64_t(r) * heads + b0);
+        for (int j = 0; j < kTokens; ++j) {
+          const __m512 dot = _mm512_mul_ps(_mm512_load_ps(st[j]), _mm512_set1_ps(k_scale[j]));
+          _mm512_store_ps(sum[j], _mm512_fmadd_ps(_mm512_max_ps(dot, _mm512_setzero_ps()), wb,
+                                                  _mm512_load_ps(sum[j])));
+        }
+      }
+      float* out = scores + int64_t(r) * ld + t0;
+      for (int j = 0; j < n; ++j) out[j] = _mm512_reduce_add_ps(_mm512_load_ps(sum[j]));
+    }
+  }
+}
+
+// q [rows][heads][128] e4m3 -> bf16, packed per head block as the tile products take it.
+static void indexer_pack_q(const uint8_t* q, int rows, int heads, uint16_t* packed) {
+  constexpr int kDim = 128;
+  static const E4m3Decoder decode(0);
+  alignas(64) uint16_t row[kTile * kDim];
+  for (int r = 0; r < rows; ++r)
+    for (int b0 = 0; b0 < heads; b0 += kTile) {
+      const uint8_t* src = q + (int64_t(r) * heads + b0) * kDim;
+      for (int i = 0; i < kTile * kDim; i += 64) decode(src + i, row + i);
+      pack_q(row, kTile, kDim, packed + (int64_t(r) * heads + b0) * kDim);
+    }
+}
+
 }  // namespace vllm_mla::cpu::amx
 #pragma GCC pop_options
+
+namespace vllm_mla::cpu {
+
+void indexer_pack_q_amx(const uint8_t* q, int rows, int heads, uint16_t* packed) {
+  amx::indexer_pack_q(q, rows, heads, packed);
+}
+
+void indexer_scores_amx(const uint16_t* q_packed, const float* w, int rows, int heads,
+                        const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
+                        float* scores, int64_t ld) {
+  amx::indexer_scores(q_packed, w, rows, heads, cache, t_begin, t_end, scores, ld);
+}
+
+}  // namespace vllm_mla::cpu
 
 namespace vllm_mla::cpu {
 

@@ -52,6 +52,13 @@ void sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch
 // float32 [length, head_dim]: token t from block pages[t / block_size], times its scale.
 void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
                        torch::Tensor& out);
+// The index scores of rows q [rows, heads, 128] (e4m3; weights [rows, heads] float32, q's
+// scales folded in) against those tokens: out[r][t] = sum_h w[r][h] * relu(scale_t q[r][h].k_t).
+// AMX only (indexer_scores_available); elsewhere the caller takes indexer_k_dequant + GEMMs.
+bool indexer_scores_available();
+void indexer_scores(const torch::Tensor& q, const torch::Tensor& weights,
+                    const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
+                    torch::Tensor& out);
 
 // isa.cpp: the instruction set the kernels dispatch to on this CPU ("amx", "avx512bf16", ...).
 std::string isa_name();

@@ -208,9 +208,12 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     """Top-k positions of query rows ``q_fp8 [n, H, D]`` (``weights [n, H]``: per-head weights
     times q's scales) into ``out [n, topk]``: row i scores the first ``lengths[i]`` tokens of
     request ``row_request[i]`` (pages ``page_table[row_request[i]]``); a request's rows are
-    consecutive (vLLM's order).  The tokens go ``SCORE_CHUNK`` at a time through reused
-    buffers (dequantized K, per-head products: fresh pages cost more than the GEMM), the rows
-    a slice at a time, within ``logits_budget`` floats of per-head products."""
+    consecutive (vLLM's order).  With AMX one C++ kernel computes the scores (K decoded into
+    tiles, products, ReLU and head sum in registers), a slice of rows at a time within
+    ``logits_budget`` floats of scores.  Elsewhere (and on the reference path) float32 GEMMs:
+    ``SCORE_CHUNK`` tokens at a time through reused buffers (dequantized K, per-head products:
+    fresh pages cost more than the GEMM), within ``logits_budget`` floats of products."""
+    from ..ops import _load_kernels
     from .registration import kernel_impl
 
     n, heads, dim = q_fp8.shape
@@ -220,6 +223,9 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     lengths = lengths.long()
     impl = kernel_impl()
     exact = impl == "reference"         # plain float32 matmuls
+    kernels = None if exact else _load_kernels("cpu")
+    fused = kernels is not None and heads % 16 == 0 and dim == 128 and \
+        kernels.indexer_scores_available()
     requests, counts = torch.unique_consecutive(row_request.long(), return_counts=True)
     r0 = 0
     for req, count in zip(requests.tolist(), counts.tolist()):
@@ -233,6 +239,16 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
         if pages.numel() * block_size < length:
             raise IndexError(f"indexer: a row of {length} tokens needs more pages than its "
                              f"page-table row has ({page_table.shape[1]})")
+        if fused:           # AMX: dequantization, products, ReLU and head sum in one kernel
+            pages = pages.to(torch.int32).contiguous()
+            step = max(1, logits_budget // length)
+            for s0 in range(rows.start, rows.stop, step):
+                part = slice(s0, min(rows.stop, s0 + step))
+                scores = torch.empty(part.stop - part.start, length)
+                kernels.indexer_scores(q_fp8[part].contiguous(), weights[part].float().contiguous(),
+                                       kv_cache, pages, length, scores)
+                select_topk(scores, lengths[part], topk, out[part])
+            continue
         step = max(1, logits_budget // (heads * min(length, chunk)))
         k_buf = torch.empty(min(length, chunk), dim)
         dots_buf = torch.empty(min(step, count) * heads * min(length, chunk))
