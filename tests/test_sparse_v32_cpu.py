@@ -95,7 +95,7 @@ def test_select_topk_masks_past_each_length():
     logits = torch.randn(4, 50, generator=gen)
     lengths = torch.tensor([50, 10, 0, 33])
     out = torch.full((4, 16), 7, dtype=torch.int32)
-    v32.select_topk(logits, lengths, 16, out)
+    v32.select_topk(logits.clone(), lengths, 16, out)
     for row, n in enumerate(lengths.tolist()):
         got = sorted(x for x in out[row].tolist() if x >= 0)
         expect = sorted(logits[row, :n].topk(min(16, n)).indices.tolist()) if n else []
@@ -272,3 +272,4 @@ def test_amx_index_scores_reject_bad_input():
         kernels.indexer_scores(torch.zeros(1, 8, HEAD_DIM).to(torch.float8_e4m3fn),
                                torch.ones(1, 8), cache, torch.tensor([0], dtype=torch.int32),
                                64, out)
+

@@ -1,8 +1,9 @@
-// DeepSeek V3.2's indexer cache, gathered and dequantized for the index scores (the GEMMs run in
-// torch: backend/sparse_v32_cpu.py).  The cache is DeepGEMM's paged layout, the one vLLM's
-// indexer writes and reads: per block, block_size records of head_dim e4m3 values, then
-// block_size float32 scales.  torch's own e4m3 -> float conversion runs at about 2.5 ns per
-// value on 2 threads here; a table lookup at about 0.3, AVX-512 at about 0.1.
+// DeepSeek V3.2's indexer (vllm_mla_backend/backend/sparse_v32_cpu.py): the index scores of
+// query rows against one request's cached K, in one kernel on AMX CPUs (micro_kernels_amx.cpp);
+// elsewhere K dequantized here for float32 GEMMs in torch.  The cache is DeepGEMM's paged
+// layout, the one vLLM's indexer writes and reads: per block, block_size records of head_dim
+// e4m3 values, then block_size float32 scales.  torch's own e4m3 -> float conversion runs at
+// about 2.5 ns per value on 2 threads here; a table lookup at about 0.3, AVX-512 at about 0.1.
 #include <ATen/Parallel.h>
 
 #include <array>

@@ -18,9 +18,10 @@ layers.  When that backend's impl is built for a layer that owns an indexer, ``a
 turns the layer's ``SparseAttnIndexer`` into a ``CPUSparseAttnIndexer``, whose step is one
 opaque custom op (vLLM traces the CPU model once: a Python forward branching on metadata would
 be frozen into the first trace): K into the cache (``insert_indexer_k``, DeepGEMM's page layout
-that vLLM's CPU kernels read), index scores as float32 GEMMs per request (``index_scores``:
-vLLM's CPU kernel ``fp8_paged_mqa_logits_cpu`` is 20-40x slower, benchmarks/RESULTS.md), top-k
-by ``select_topk`` (any k).  The first such layer also installs ``install_v32_support``: q
+that vLLM's CPU kernels read), index scores by our AMX kernel (``indexer_scores``; float32 GEMMs
+per request without AMX: ``index_scores``), top-k by ``select_topk`` (any k).  vLLM's CPU kernel
+for the same scores, ``fp8_paged_mqa_logits_cpu``, is 12x (GEMMs) to 40x (AMX) slower
+(benchmarks/RESULTS.md).  The first such layer also installs ``install_v32_support``: q
 quantized by ``quantize_fp8_groups`` (the Triton kernel's arithmetic in torch) and the prefill
 rows from ``prefill_chunk_rows`` (through vLLM's own Triton-override hook).  ``config_fixups``
 sets block size 64 for V3.2 on CPU.
