@@ -37,7 +37,7 @@ import torch
 from .registration import current_mode
 
 INDEXER_BLOCK_SIZE = 64      # DeepseekV32IndexerBackend's only kernel block size
-LOGITS_BUDGET = 1 << 25      # float32 per-head index scores per slice of rows (128 MiB)
+LOGITS_BUDGET = 1 << 25      # float32 scratch (scores or per-head products) per slice of rows
 SCORE_CHUNK = 8192           # tokens scored per GEMM (bounds the K and product buffers)
 FP8_MAX = 448.0              # e4m3fn
 _MARK = "_vllm_mla_backend_wrapped"
