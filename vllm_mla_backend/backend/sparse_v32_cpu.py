@@ -210,8 +210,9 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     times q's scales) into ``out [n, topk]``: row i scores the first ``lengths[i]`` tokens of
     request ``row_request[i]`` (pages ``page_table[row_request[i]]``); a request's rows are
     consecutive (vLLM's order).  With AMX one C++ kernel computes the scores (K decoded into
-    tiles, products, ReLU and head sum in registers), a slice of rows at a time within
-    ``logits_budget`` floats of scores.  Elsewhere (and on the reference path) float32 GEMMs:
+    tiles, products, ReLU and head sum in registers): every row's into one buffer and one
+    top-k when they fit ``logits_budget`` floats (decode batches), else a slice of rows at a
+    time.  Elsewhere (and on the reference path) float32 GEMMs:
     ``SCORE_CHUNK`` tokens at a time through reused buffers (dequantized K, per-head products:
     fresh pages cost more than the GEMM), within ``logits_budget`` floats of products."""
     from ..ops import _load_kernels
@@ -227,6 +228,12 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     kernels = None if exact else _load_kernels("cpu")
     fused = kernels is not None and heads % 16 == 0 and dim == 128 and \
         kernels.indexer_scores_available()
+    batched = None          # fused: every row's scores in one buffer, one top-k (decode batches)
+    if fused:
+        q_fp8, weights = q_fp8.contiguous(), weights.float().contiguous()
+        max_len = int(lengths.max()) if n > 0 else 0
+        if 0 < n * max_len <= logits_budget:
+            batched = torch.empty(n, max_len)
     requests, counts = torch.unique_consecutive(row_request.long(), return_counts=True)
     r0 = 0
     for req, count in zip(requests.tolist(), counts.tolist()):
@@ -242,12 +249,16 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
                              f"page-table row has ({page_table.shape[1]})")
         if fused:           # AMX: dequantization, products, ReLU and head sum in one kernel
             pages = pages.to(torch.int32).contiguous()
+            if batched is not None:
+                kernels.indexer_scores(q_fp8[rows], weights[rows], kv_cache, pages, length,
+                                       batched[rows])
+                continue
             step = max(1, logits_budget // length)
             for s0 in range(rows.start, rows.stop, step):
                 part = slice(s0, min(rows.stop, s0 + step))
                 scores = torch.empty(part.stop - part.start, length)
-                kernels.indexer_scores(q_fp8[part].contiguous(), weights[part].float().contiguous(),
-                                       kv_cache, pages, length, scores)
+                kernels.indexer_scores(q_fp8[part], weights[part], kv_cache, pages, length,
+                                       scores)
                 select_topk(scores, lengths[part], topk, out[part])
             continue
         step = max(1, logits_budget // (heads * min(length, chunk)))
@@ -262,6 +273,9 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
                 k = dequant_indexer_k(kv_cache, pages[t0 // block_size:], t1 - t0, impl, k_buf)
                 scores[:, t0:t1] = index_scores(q, w, k, not exact, dots_buf)
             select_topk(scores, lengths[part], topk, out[part])
+
+    if batched is not None:     # columns past a row's length are masked by select_topk
+        select_topk(batched, lengths, topk, out)
 
 
 # ------------------------------------------------------------------------------------------
