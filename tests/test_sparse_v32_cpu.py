@@ -119,6 +119,14 @@ def test_prefill_chunk_rows_match_the_causal_rule():
     assert token_to_seq.tolist() == [0] * 7 + [1] * 2
 
 
+def _queries(gen, rows: int, heads: int):
+    """Indexer query rows as vLLM's indexer quantizes them: e4m3 q ``[rows, heads, 128]``, its
+    scales ``[rows, heads]``, and per-head weights ``[rows, heads]``."""
+    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(rows, heads, HEAD_DIM, generator=gen),
+                                             HEAD_DIM)
+    return q_fp8, q_scale.squeeze(-1), torch.randn(rows, heads, generator=gen)
+
+
 def _index_scores_f64(q_fp8, q_scale, k, weights) -> torch.Tensor:
     """DeepSeek V3.2's index score, float64: sum_h w_h * relu(q_h . k_t), with q and k as the
     indexer stores them (e4m3 times their power-of-two scales)."""
@@ -166,10 +174,7 @@ def test_index_scores_match_float64_and_vllm_cpu_kernel():
     block_size, blocks, heads, n = 64, 6, 16, 150
     table = torch.tensor([4, 1, 5], dtype=torch.int32)
     cache, k = _filled_cache(gen, n, table, block_size, blocks)
-    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(3, heads, HEAD_DIM, generator=gen),
-                                             HEAD_DIM)
-    q_scale = q_scale.squeeze(-1)
-    weights = torch.randn(3, heads, generator=gen)
+    q_fp8, q_scale, weights = _queries(gen, 3, heads)
     expect = _index_scores_f64(q_fp8, q_scale, k, weights)
     ours = v32.index_scores(q_fp8.float(), weights * q_scale, v32.dequant_indexer_k(cache, table, n))
     torch.testing.assert_close(ours.double(), expect, rtol=1e-5, atol=1e-5)
@@ -205,10 +210,7 @@ def test_index_rows_selects_the_float64_top_k(logits_budget, chunk, mode, isa, m
     k1 = torch.randn(n, HEAD_DIM, generator=gen)
     v32.insert_indexer_k(k1, cache, tables[1, pos // block_size].long() * block_size
                          + pos % block_size)
-    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(6, heads, HEAD_DIM, generator=gen),
-                                             HEAD_DIM)
-    q_scale = q_scale.squeeze(-1)
-    weights = torch.randn(6, heads, generator=gen)
+    q_fp8, q_scale, weights = _queries(gen, 6, heads)
     row_request = torch.tensor([0, 1, 1, 1, 1, 1])
     lengths = torch.tensor([150, 0, 20, 64, 97, 150])
     out = torch.full((6, topk), 123, dtype=torch.int32)
@@ -248,10 +250,7 @@ def test_amx_index_scores_match_float64():
     block_size, blocks, heads, n = 64, 6, 32, 150
     table = torch.tensor([4, 1, 5], dtype=torch.int32)
     cache, k = _filled_cache(gen, n, table, block_size, blocks)
-    q_fp8, q_scale = v32.quantize_fp8_groups(torch.randn(3, heads, HEAD_DIM, generator=gen),
-                                             HEAD_DIM)
-    q_scale = q_scale.squeeze(-1)
-    weights = torch.randn(3, heads, generator=gen)
+    q_fp8, q_scale, weights = _queries(gen, 3, heads)
     out = torch.full((3, 160), 7.0)
     kernels.indexer_scores(q_fp8, (weights * q_scale).contiguous(), cache, table, n, out)
     expect = _index_scores_f64(q_fp8, q_scale, k, weights)
