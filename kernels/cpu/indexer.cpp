@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 
 #include <array>
-#include <cstring>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -41,14 +40,10 @@ struct E4m3Table {
   }
 };
 
-}  // namespace
-
-namespace {
-
 // The checks both ops share; the cache view of `pages` for `length` tokens.
 IndexerCacheView checked_view(const char* op, const torch::Tensor& cache,
                               const torch::Tensor& pages, int64_t length) {
-  TORCH_CHECK(cache.scalar_type() == torch::kUInt8 && cache.dim() == 3, op,
+  TORCH_CHECK(cache.scalar_type() == torch::kUInt8 && cache.dim() == 3 && cache.size(2) > 4, op,
               ": cache must be uint8 [blocks, block_size, head_dim + 4]");
   const int64_t blocks = cache.size(0), block_size = cache.size(1), width = cache.size(2);
   TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == width, op,
@@ -61,7 +56,7 @@ IndexerCacheView checked_view(const char* op, const torch::Tensor& cache,
   for (int64_t p = 0; p < (length + block_size - 1) / block_size; ++p)
     TORCH_CHECK_INDEX(page[p] >= 0 && page[p] < blocks, op, ": page ", page[p],
                       " is outside the cache (", blocks, " blocks)");
-  return {cache.data_ptr<uint8_t>(), cache.stride(0), int(block_size), page};
+  return {cache.data_ptr<uint8_t>(), cache.stride(0), int(block_size), int(width - 4), page};
 }
 
 }  // namespace
@@ -69,7 +64,7 @@ IndexerCacheView checked_view(const char* op, const torch::Tensor& cache,
 void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
                        torch::Tensor& out) {
   const IndexerCacheView view = checked_view("indexer_k_dequant", cache, pages, length);
-  const int64_t block_size = view.block_size, head_dim = cache.size(2) - 4;
+  const int64_t head_dim = view.head_dim;
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == length && out.size(1) == head_dim,
               "indexer_k_dequant: out must be contiguous float32 [length, head_dim]");
@@ -78,11 +73,8 @@ void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, i
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, length, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* blk = view.base + int64_t(view.pages[t / block_size]) * view.stride;
-      const int64_t off = t % block_size;
-      const uint8_t* v = blk + off * head_dim;
-      float scale;
-      std::memcpy(&scale, blk + block_size * head_dim + off * 4, 4);
+      const uint8_t* v = view.values(t);
+      const float scale = view.scale(t);
       float* o = dst + t * head_dim;
       if (simd) {
         avx512::dequant_row(v, head_dim, scale, o);
@@ -101,7 +93,7 @@ void indexer_scores(const torch::Tensor& q, const torch::Tensor& weights,
   const IndexerCacheView view = checked_view("indexer_scores", cache, pages, length);
   TORCH_CHECK(indexer_scores_available(), "indexer_scores: needs AMX (this CPU: ",
               isa_label(active_isa()), ")");
-  TORCH_CHECK(cache.size(2) == 128 + 4, "indexer_scores: head_dim must be 128");
+  TORCH_CHECK(view.head_dim == 128, "indexer_scores: head_dim must be 128");
   TORCH_CHECK(q.element_size() == 1 && q.is_contiguous() && q.dim() == 3 && q.size(2) == 128 &&
                   q.size(1) % 16 == 0,
               "indexer_scores: q must be contiguous e4m3 [rows, heads (a multiple of 16), 128]");

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/isa.h"
 #include "cpu/kv_load.h"
@@ -94,13 +95,23 @@ struct MicroKernels {
 
 const MicroKernels& micro_kernels(Isa isa);
 
-// DeepSeek V3.2's indexer cache (DeepGEMM's paged layout: per block, block_size records of 128
-// e4m3 values, then block_size float32 scales), one request's pages.
+// DeepSeek V3.2's indexer cache (DeepGEMM's paged layout: per block, block_size records of
+// head_dim e4m3 values, then block_size float32 scales), one request's pages.
 struct IndexerCacheView {
   const uint8_t* base;
   int64_t stride;        // block stride, bytes
   int block_size;
+  int head_dim;
   const int32_t* pages;  // token t lives in block pages[t / block_size]
+
+  const uint8_t* block(int64_t t) const { return base + int64_t(pages[t / block_size]) * stride; }
+  // token t's head_dim e4m3 values, and its scale
+  const uint8_t* values(int64_t t) const { return block(t) + (t % block_size) * head_dim; }
+  float scale(int64_t t) const {
+    float s;
+    std::memcpy(&s, block(t) + int64_t(block_size) * head_dim + (t % block_size) * 4, 4);
+    return s;
+  }
 };
 
 // AMX only (indexer.cpp): q [rows][heads][128] e4m3 -> packed bf16 (rows * heads * 128; heads a

@@ -6,8 +6,6 @@
 // decoder (AVX512-VBMI).
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "cpu/micro_kernels.h"
 
 #pragma GCC push_options
@@ -414,12 +412,10 @@ static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, i
     const int n = int(t_end - t0 < kTokens ? t_end - t0 : kTokens);
     for (int j = 0; j < kTokens; ++j) {
       if (j < n) {
-        const int64_t t = t0 + j;
-        const uint8_t* blk = cache.base + int64_t(cache.pages[t / cache.block_size]) * cache.stride;
-        const int64_t off = t % cache.block_size;
-        decode(blk + off * kDim, k[j]);
-        decode(blk + off * kDim + 64, k[j] + 64);
-        std::memcpy(&k_scale[j], blk + int64_t(cache.block_size) * kDim + off * 4, 4);
+        const uint8_t* v = cache.values(t0 + j);
+        decode(v, k[j]);
+        decode(v + 64, k[j] + 64);
+        k_scale[j] = cache.scale(t0 + j);
       } else {
         for (int i = 0; i < kDim; i += 32) _mm512_store_si512(k[j] + i, _mm512_setzero_si512());
         k_scale[j] = 0.f;
