@@ -22,14 +22,16 @@ TORCH_LIBRARY(vllm_mla, m) {
   // CPU only: DeepSeek V3.2's indexer (vllm_mla_backend/backend/sparse_v32_cpu.py)
   m.def("indexer_k_dequant(Tensor cache, Tensor pages, int length, Tensor(a!) out) -> ()");
   m.def("indexer_scores_available() -> bool");
-  m.def("indexer_scores(Tensor q, Tensor weights, Tensor cache, Tensor pages, int length, "
+  m.def("indexer_scores(Tensor q, Tensor weights, Tensor cache, Tensor pages, Tensor lengths, "
         "Tensor(a!) out) -> ()");
+  m.def("indexer_topk(Tensor scores, Tensor lengths, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_mla, CPU, m) {
   VLLM_MLA_IMPL_KERNEL_OPS(m, vllm_mla::cpu);
   m.impl("indexer_k_dequant", &vllm_mla::cpu::indexer_k_dequant);
   m.impl("indexer_scores", &vllm_mla::cpu::indexer_scores);
+  m.impl("indexer_topk", &vllm_mla::cpu::indexer_topk);
 }
 
 TORCH_LIBRARY_IMPL(vllm_mla, CompositeExplicitAutograd, m) {

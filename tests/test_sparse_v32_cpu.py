@@ -243,32 +243,90 @@ def _amx_scores_or_skip():
 
 
 def test_amx_index_scores_match_float64():
-    """Three rows over 150 tokens (2 full chunks of 64 and a ragged one) through a shuffled page
-    table and a padded block stride; the columns past the length are left alone."""
+    """Rows of different lengths over up to 150 tokens (2 full chunks of 64 and a ragged one;
+    35 rows: two row groups) through a shuffled page table and a padded block stride; each
+    row's columns past its length are left alone."""
     kernels = _amx_scores_or_skip()
     gen = torch.Generator().manual_seed(7)
-    block_size, blocks, heads, n = 64, 6, 32, 150
+    block_size, blocks, heads, n, rows = 64, 6, 32, 150, 35
     table = torch.tensor([4, 1, 5], dtype=torch.int32)
     cache, k = _filled_cache(gen, n, table, block_size, blocks)
-    q_fp8, q_scale, weights = _queries(gen, 3, heads)
-    out = torch.full((3, 160), 7.0)
-    kernels.indexer_scores(q_fp8, (weights * q_scale).contiguous(), cache, table, n, out)
+    q_fp8, q_scale, weights = _queries(gen, rows, heads)
+    lengths = torch.randint(0, n + 1, (rows,), generator=gen)
+    lengths[0] = n
+    out = torch.full((rows, 160), 7.0)
+    kernels.indexer_scores(q_fp8, (weights * q_scale).contiguous(), cache, table, lengths, out)
     expect = _index_scores_f64(q_fp8, q_scale, k, weights)
-    torch.testing.assert_close(out[:, :n].double(), expect, rtol=1e-5, atol=1e-5)
-    assert (out[:, n:] == 7.0).all()
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[row, :length].double(), expect[row, :length],
+                                   rtol=1e-5, atol=1e-5)
+        assert (out[row, length:] == 7.0).all()
 
 
 def test_amx_index_scores_reject_bad_input():
     kernels = _amx_scores_or_skip()
     cache = _indexer_cache(2, 64)
     q = torch.zeros(1, 16, HEAD_DIM).to(torch.float8_e4m3fn)
-    w, out = torch.ones(1, 16), torch.empty(1, 64)
+    w, out, page0 = torch.ones(1, 16), torch.empty(1, 64), torch.tensor([0], dtype=torch.int32)
     with pytest.raises(IndexError, match="outside the cache"):
-        kernels.indexer_scores(q, w, cache, torch.tensor([2], dtype=torch.int32), 64, out)
+        kernels.indexer_scores(q, w, cache, torch.tensor([2], dtype=torch.int32),
+                               torch.tensor([64]), out)
     with pytest.raises(IndexError, match="pages given"):
-        kernels.indexer_scores(q, w, cache, torch.tensor([0], dtype=torch.int32), 65, out)
+        kernels.indexer_scores(q, w, cache, page0, torch.tensor([65]), out)
+    with pytest.raises(IndexError, match="negative"):
+        kernels.indexer_scores(q, w, cache, page0, torch.tensor([-1]), out)
+    with pytest.raises(RuntimeError, match="lengths must be contiguous int64"):
+        kernels.indexer_scores(q, w, cache, page0, torch.tensor([64], dtype=torch.int32), out)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.indexer_scores(torch.zeros(1, 8, HEAD_DIM).to(torch.float8_e4m3fn),
-                               torch.ones(1, 8), cache, torch.tensor([0], dtype=torch.int32),
-                               64, out)
+                               torch.ones(1, 8), cache, page0, torch.tensor([64]), out)
 
+
+def _topk_oracle(scores: torch.Tensor, length: int, k: int) -> list[int]:
+    """The positions of the k largest of scores[:length] (all when length <= k), ties to the
+    lower position, NaN above everything, -0 equal to +0: the first k of a stable descending
+    sort, ascending."""
+    row = torch.where(scores[:length].isnan(), torch.inf, scores[:length].double())
+    nan = scores[:length].isnan().double()       # NaN first, then by value, then by position
+    order = sorted(range(length), key=lambda i: (-nan[i].item(), -row[i].item(), i))
+    return sorted(order[:k])
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "specials", "one_bucket"])
+def test_topk_matches_a_stable_sort(case):
+    """Our radix select against a stable descending sort: rows longer than k, shorter, empty,
+    exactly k; ties (few distinct values), NaN, infinities and signed zeros; values packed
+    into one radix bucket (the later digits decide)."""
+    gen = torch.Generator().manual_seed(11)
+    rows, width, k = 12, 3000, 64
+    scores = torch.randn(rows, width, generator=gen)
+    if case == "ties":
+        scores = torch.randint(0, 5, (rows, width), generator=gen).float()
+    elif case == "specials":
+        pick = torch.randint(0, 6, (rows, width), generator=gen)
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0])
+        scores = torch.where(pick < 4, specials[torch.randint(0, 6, (rows, width),
+                                                              generator=gen)], scores)
+    elif case == "one_bucket":       # float32 values sharing their top 11 bits, and more
+        scores = 1.0 + torch.randint(0, 1 << 12, (rows, width), generator=gen).float() * 2 ** -23
+    lengths = torch.randint(k + 1, width + 1, (rows,), generator=gen)
+    lengths[:4] = torch.tensor([0, 1, k, width])
+    out = torch.full((rows, k), 99, dtype=torch.int32)
+    v32.select_topk(scores, lengths, k, out)
+    for r, length in enumerate(lengths.tolist()):
+        expect = _topk_oracle(scores[r], length, k)
+        assert out[r].tolist() == expect + [-1] * (k - len(expect)), (case, r)
+
+
+def test_topk_rejects_bad_input():
+    from vllm_mla_backend.ops import _load_kernels
+    topk = _load_kernels("cpu").indexer_topk
+    scores, out = torch.zeros(2, 10), torch.empty(2, 4, dtype=torch.int32)
+    with pytest.raises(IndexError, match="exceeds the scores' width"):
+        topk(scores, torch.tensor([5, 11]), out)
+    with pytest.raises(IndexError, match="negative"):
+        topk(scores, torch.tensor([-1, 3]), out)
+    with pytest.raises(RuntimeError, match="out must be int32"):
+        topk(scores, torch.tensor([5, 3]), torch.empty(2, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="scores must be float32"):
+        topk(scores.double(), torch.tensor([5, 3]), out)

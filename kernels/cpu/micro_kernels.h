@@ -115,12 +115,12 @@ struct IndexerCacheView {
 };
 
 // AMX only (indexer.cpp): q [rows][heads][128] e4m3 -> packed bf16 (rows * heads * 128; heads a
-// multiple of 16); then for t in [t_begin, t_end), scores[r * ld + t] =
+// multiple of 16); then for t in [t_begin, t_end) and t < row_len[r], scores[r * ld + t] =
 // sum_h w[r][h] * relu(scale[t] * q[r][h] . k[t]).
 void indexer_pack_q_amx(const uint8_t* q, int rows, int heads, uint16_t* packed);
 void indexer_scores_amx(const uint16_t* q_packed, const float* w, int rows, int heads,
                         const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
-                        float* scores, int64_t ld);
+                        const int64_t* row_len, float* scores, int64_t ld);
 
 const MicroKernels& micro_kernels_scalar();
 const MicroKernels& micro_kernels_avx2();

@@ -392,13 +392,14 @@ static void attend(const uint16_t* qp, int m, const KRows& k, int n, int d, cons
   }
 }
 
-// DeepSeek V3.2's index scores for tokens [t_begin, t_end) of one request (indexer.cpp):
-// score[r][t] = sum_h w[r][h] * relu(k_scale[t] * q[r][h] . k[t]), K decoded 64 tokens at a time
+// DeepSeek V3.2's index scores for tokens [t_begin, t_end) of one request (indexer.cpp), row r
+// only for t < row_len[r]: score[r][t] = sum_h w[r][h] * relu(k_scale[t] * q[r][h] . k[t]),
+// K decoded 64 tokens at a time
 // into bf16 rows (e4m3 values are exact in bf16), the dot products on tiles (S^T, a head block of
 // 16 at a time, as the attention's scores), ReLU and the weighted head sum in float32 vectors.
 static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, int heads,
                            const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
-                           float* scores, int64_t ld) {
+                           const int64_t* row_len, float* scores, int64_t ld) {
   constexpr int kDim = 128;
   configure_tiles();
   static const E4m3Decoder decode(0);
@@ -422,6 +423,8 @@ static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, i
       }
     }
     for (int r = 0; r < rows; ++r) {
+      const int64_t live = row_len[r] - t0;  // the row's tokens in this chunk (causal rows)
+      if (live <= 0) continue;
       for (int j = 0; j < kTokens; ++j) _mm512_store_ps(sum[j], _mm512_setzero_ps());
       for (int b0 = 0; b0 < heads; b0 += kTile) {
         scores_t(q_packed + (int64_t(r) * heads + b0) * kDim, krows, kDim, st, &none);
@@ -433,7 +436,8 @@ static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, i
         }
       }
       float* out = scores + int64_t(r) * ld + t0;
-      for (int j = 0; j < n; ++j) out[j] = _mm512_reduce_add_ps(_mm512_load_ps(sum[j]));
+      for (int j = 0; j < n && j < live; ++j)
+        out[j] = _mm512_reduce_add_ps(_mm512_load_ps(sum[j]));
     }
   }
 }
@@ -462,8 +466,8 @@ void indexer_pack_q_amx(const uint8_t* q, int rows, int heads, uint16_t* packed)
 
 void indexer_scores_amx(const uint16_t* q_packed, const float* w, int rows, int heads,
                         const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
-                        float* scores, int64_t ld) {
-  amx::indexer_scores(q_packed, w, rows, heads, cache, t_begin, t_end, scores, ld);
+                        const int64_t* row_len, float* scores, int64_t ld) {
+  amx::indexer_scores(q_packed, w, rows, heads, cache, t_begin, t_end, row_len, scores, ld);
 }
 
 }  // namespace vllm_mla::cpu

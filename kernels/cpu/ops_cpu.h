@@ -53,12 +53,18 @@ void sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch
 void indexer_k_dequant(const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
                        torch::Tensor& out);
 // The index scores of rows q [rows, heads, 128] (e4m3; weights [rows, heads] float32, q's
-// scales folded in) against those tokens: out[r][t] = sum_h w[r][h] * relu(scale_t q[r][h].k_t).
+// scales folded in) against those tokens, row r for t < lengths[r] (int64; the rest of out
+// untouched): out[r][t] = sum_h w[r][h] * relu(scale_t q[r][h].k_t).
 // AMX only (indexer_scores_available); elsewhere the caller takes indexer_k_dequant + GEMMs.
 bool indexer_scores_available();
 void indexer_scores(const torch::Tensor& q, const torch::Tensor& weights,
-                    const torch::Tensor& cache, const torch::Tensor& pages, int64_t length,
-                    torch::Tensor& out);
+                    const torch::Tensor& cache, const torch::Tensor& pages,
+                    const torch::Tensor& lengths, torch::Tensor& out);
+// Per row r of scores [rows, width] float32, the positions of the out.size(1) = k largest among
+// its first lengths[r] (int64, <= width) into out [rows, k] int32: ascending, ties to the lower
+// position, NaN above everything; all lengths[r] positions when they are no more than k; -1
+// after them.
+void indexer_topk(const torch::Tensor& scores, const torch::Tensor& lengths, torch::Tensor& out);
 
 // isa.cpp: the instruction set the kernels dispatch to on this CPU ("amx", "avx512bf16", ...).
 std::string isa_name();

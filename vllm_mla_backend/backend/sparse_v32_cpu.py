@@ -19,7 +19,7 @@ turns the layer's ``SparseAttnIndexer`` into a ``CPUSparseAttnIndexer``, whose s
 opaque custom op (vLLM traces the CPU model once: a Python forward branching on metadata would
 be frozen into the first trace): K into the cache (``insert_indexer_k``, DeepGEMM's page layout
 that vLLM's CPU kernels read), index scores by our AMX kernel (``indexer_scores``; float32 GEMMs
-per request without AMX: ``index_scores``), top-k by ``select_topk`` (any k).  vLLM's CPU kernel
+per request without AMX: ``index_scores``), top-k by ``select_topk`` (any k, a C++ radix select).  vLLM's CPU kernel
 for the same scores, ``fp8_paged_mqa_logits_cpu``, is 12x (GEMMs) to 40x (AMX) slower
 (benchmarks/RESULTS.md).  The first such layer also installs ``install_v32_support``: q
 quantized by ``quantize_fp8_groups`` (the Triton kernel's arithmetic in torch) and the prefill
@@ -108,21 +108,25 @@ def insert_indexer_k(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torc
 
 
 def select_topk(logits: torch.Tensor, lengths: torch.Tensor, topk: int,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, impl: str | None = None) -> None:
     """Per row the positions of the ``topk`` largest logits among its first ``lengths[row]``
-    (all of them when there are no more than ``topk``), in no particular order; -1 fills the
-    rest.  ``logits`` is scratch (masked in place)."""
+    (all of them when there are no more than ``topk``) into ``out [rows, topk]``; -1 fills the
+    rest.  Our C++ radix select (ascending positions, ties to the lower one), or with
+    ``impl="reference"`` torch.topk (no particular order; ``logits`` is scratch)."""
+    if impl != "reference":
+        from ..ops import _load_kernels
+
+        _load_kernels("cpu").indexer_topk(logits, lengths.long().contiguous(), out)
+        return
     rows, width = logits.shape
     lengths = lengths.long().clamp(max=width).unsqueeze(1)
     pos = torch.arange(width, device=logits.device).unsqueeze(0)
     k = min(topk, width)
+    out.fill_(-1)
     if k == 0:
-        out.fill_(-1)
         return
     picked = logits.masked_fill_(pos >= lengths, float("-inf")).topk(k, dim=1, sorted=False).indices
-    picked = torch.where(picked < lengths, picked, torch.full_like(picked, -1))
-    out.fill_(-1)
-    out[:, :k] = picked.to(out.dtype)
+    out[:, :k] = torch.where(picked < lengths, picked, -1).to(out.dtype)
 
 
 def prefill_chunk_rows(query_start_loc_ptr, uncompressed_seq_lens_ptr, cu_compressed_seq_lens_ptr,
@@ -209,73 +213,94 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     """Top-k positions of query rows ``q_fp8 [n, H, D]`` (``weights [n, H]``: per-head weights
     times q's scales) into ``out [n, topk]``: row i scores the first ``lengths[i]`` tokens of
     request ``row_request[i]`` (pages ``page_table[row_request[i]]``); a request's rows are
-    consecutive (vLLM's order).  With AMX one C++ kernel computes the scores (K decoded into
-    tiles, products, ReLU and head sum in registers): every row's into one buffer and one
-    top-k when they fit ``logits_budget`` floats (decode batches), else a slice of rows at a
-    time.  Elsewhere (and on the reference path) float32 GEMMs:
-    ``SCORE_CHUNK`` tokens at a time through reused buffers (dequantized K, per-head products:
-    fresh pages cost more than the GEMM), within ``logits_budget`` floats of products."""
+    consecutive (vLLM's order).  A row of no more than ``topk`` tokens takes them all unscored
+    (every prefill row of a prompt up to ``topk`` tokens).  The others are scored in batches of
+    rows whose scores fit ``logits_budget`` floats (a decode batch at once), each as wide as its
+    longest row (causal prefill rows), then one top-k per batch.  Scores: with AMX one C++
+    kernel (K decoded into tiles, products, ReLU and head sum in registers); elsewhere (and on
+    the reference path) float32 GEMMs, ``SCORE_CHUNK`` tokens at a time through reused buffers
+    (dequantized K, per-head products: fresh pages cost more than the GEMM)."""
     from ..ops import _load_kernels
     from .registration import kernel_impl
 
     n, heads, dim = q_fp8.shape
     indexer_cache_regions(kv_cache, dim)             # checks the cache
     block_size = kv_cache.shape[1]
-    chunk = max(block_size, SCORE_CHUNK // block_size * block_size)
     lengths = lengths.long()
     impl = kernel_impl()
-    exact = impl == "reference"         # plain float32 matmuls
-    kernels = None if exact else _load_kernels("cpu")
+    kernels = None if impl == "reference" else _load_kernels("cpu")
     fused = kernels is not None and heads % 16 == 0 and dim == 128 and \
         kernels.indexer_scores_available()
-    batched = None          # fused: every row's scores in one buffer, one top-k (decode batches)
     if fused:
         q_fp8, weights = q_fp8.contiguous(), weights.float().contiguous()
-        max_len = int(lengths.max()) if n > 0 else 0
-        if 0 < n * max_len <= logits_budget:
-            batched = torch.empty(n, max_len)
-    requests, counts = torch.unique_consecutive(row_request.long(), return_counts=True)
-    r0 = 0
-    for req, count in zip(requests.tolist(), counts.tolist()):
-        rows = slice(r0, r0 + count)
-        r0 += count
-        length = int(lengths[rows].max())
-        if length == 0:
-            out[rows] = -1
-            continue
-        pages = page_table[req, : -(-length // block_size)]
-        if pages.numel() * block_size < length:
-            raise IndexError(f"indexer: a row of {length} tokens needs more pages than its "
-                             f"page-table row has ({page_table.shape[1]})")
-        if fused:           # AMX: dequantization, products, ReLU and head sum in one kernel
-            pages = pages.to(torch.int32).contiguous()
-            if batched is not None:
-                kernels.indexer_scores(q_fp8[rows], weights[rows], kv_cache, pages, length,
-                                       batched[rows])
-                continue
-            step = max(1, logits_budget // length)
-            for s0 in range(rows.start, rows.stop, step):
-                part = slice(s0, min(rows.stop, s0 + step))
-                scores = torch.empty(part.stop - part.start, length)
-                kernels.indexer_scores(q_fp8[part], weights[part], kv_cache, pages, length,
-                                       scores)
-                select_topk(scores, lengths[part], topk, out[part])
-            continue
-        step = max(1, logits_budget // (heads * min(length, chunk)))
-        k_buf = torch.empty(min(length, chunk), dim)
-        dots_buf = torch.empty(min(step, count) * heads * min(length, chunk))
-        for s0 in range(rows.start, rows.stop, step):
-            part = slice(s0, min(rows.stop, s0 + step))
-            q, w = q_fp8[part].float(), weights[part].float()
-            scores = torch.empty(part.stop - part.start, length)
-            for t0 in range(0, length, chunk):
-                t1 = min(length, t0 + chunk)
-                k = dequant_indexer_k(kv_cache, pages[t0 // block_size:], t1 - t0, impl, k_buf)
-                scores[:, t0:t1] = index_scores(q, w, k, not exact, dots_buf)
-            select_topk(scores, lengths[part], topk, out[part])
 
-    if batched is not None:     # columns past a row's length are masked by select_topk
-        select_topk(batched, lengths, topk, out)
+    scored = torch.nonzero(lengths > topk).squeeze(1)
+    if scored.numel() < n:              # the rest take every position: 0, 1, ..., then -1
+        pos = torch.arange(topk, dtype=out.dtype)
+        every = torch.nonzero(lengths <= topk).squeeze(1)
+        out.index_copy_(0, every, pos.expand(len(every), topk).masked_fill(
+            pos >= lengths[every, None], -1))
+    for batch in _row_batches(scored, lengths, logits_budget):
+        batch_len = lengths[batch]
+        scores = torch.empty(len(batch), int(batch_len.max()))
+        first = int(batch[0])
+        consecutive = int(batch[-1]) - first + 1 == len(batch)     # views, not copies, of q
+        requests, counts = torch.unique_consecutive(row_request[batch].long(), return_counts=True)
+        r0 = 0
+        for req, count in zip(requests.tolist(), counts.tolist()):
+            rows, r0 = slice(r0, r0 + count), r0 + count
+            length = int(batch_len[rows].max())
+            pages = page_table[req, : -(-length // block_size)]
+            if pages.numel() * block_size < length:
+                raise IndexError(f"indexer: a row of {length} tokens needs more pages than its "
+                                 f"page-table row has ({page_table.shape[1]})")
+            picked = slice(first + rows.start, first + rows.stop) if consecutive else batch[rows]
+            if fused:       # AMX: dequantization, products, ReLU and head sum in one kernel
+                kernels.indexer_scores(q_fp8[picked], weights[picked], kv_cache,
+                                       pages.to(torch.int32).contiguous(), batch_len[rows],
+                                       scores[rows])
+            else:
+                _gemm_scores(q_fp8[picked], weights[picked], kv_cache, pages, batch_len[rows],
+                             impl, logits_budget, scores[rows])
+        picks = torch.empty(len(batch), topk, dtype=out.dtype)
+        select_topk(scores, batch_len, topk, picks, impl)
+        out[batch] = picks
+
+
+def _row_batches(rows: torch.Tensor, lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """``rows`` (ascending) in consecutive batches whose count times longest length stays within
+    ``budget`` (a batch holds one row at least)."""
+    batches, start = [], 0
+    while start < rows.numel():
+        widest = torch.cummax(lengths[rows[start:]], 0).values
+        size = (torch.arange(1, widest.numel() + 1) * widest <= budget).sum()
+        end = start + max(1, int(size))
+        batches.append(rows[start:end])
+        start = end
+    return batches
+
+
+def _gemm_scores(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tensor,
+                 pages: torch.Tensor, lengths: torch.Tensor, impl: str, logits_budget: int,
+                 scores: torch.Tensor) -> None:
+    """``index_scores`` of one request's rows into ``scores`` (row r up to ``lengths[r]`` at
+    least), ``SCORE_CHUNK`` tokens of dequantized K at a time, slices of rows whose per-head
+    products fit ``logits_budget`` floats, each slice only as far as its longest row."""
+    heads, dim = q_fp8.shape[1:]
+    block_size = kv_cache.shape[1]
+    chunk = max(block_size, SCORE_CHUNK // block_size * block_size)
+    longest = int(lengths.max())
+    step = max(1, logits_budget // (heads * min(longest, chunk)))
+    k_buf = torch.empty(min(longest, chunk), dim)
+    dots_buf = torch.empty(min(step, len(lengths)) * heads * min(longest, chunk))
+    for s0 in range(0, len(lengths), step):
+        part = slice(s0, s0 + step)
+        q, w = q_fp8[part].float(), weights[part].float()
+        length = int(lengths[part].max())
+        for t0 in range(0, length, chunk):
+            t1 = min(length, t0 + chunk)
+            k = dequant_indexer_k(kv_cache, pages[t0 // block_size:], t1 - t0, impl, k_buf)
+            scores[part, t0:t1] = index_scores(q, w, k, impl != "reference", dots_buf)
 
 
 # ------------------------------------------------------------------------------------------
