@@ -49,6 +49,17 @@ def test_all_invalid_rows(layout, cpu_kernels):
     assert torch.isfinite(lse[2, :, 0]).all()
 
 
+def test_runs_of_invalid_slots_as_long_as_chunks_and_splits(cpu_kernels):
+    """A top-k list whose -1 runs cover whole 64-token chunks (which the kernels skip) and a
+    whole split of the work (its partial state empty at the merge): DeepSeek V3.2's lists over
+    contexts shorter than k end in such a run."""
+    case = sparse_case(L.V32_FP8, 64, 64, 2048, b=3, with_length=False, max_valid=None, seed=9)
+    case.indices[0, :, 64:192] = -1          # two whole chunks, valid ones on both sides
+    case.indices[1, :, 1000:] = -1           # the tail: from the first split into the second
+    case.indices[2, :, 1024:] = -1           # exactly the second split
+    for_each_isa(lambda: check(case))
+
+
 def test_sink_infinities(cpu_kernels):
     """+inf sink zeroes the head, -inf leaves it as without a sink; lse never includes it."""
     case = sparse_case(L.V32_FP8, 64, 16, 64, b=2, with_length=False, sink=True, seed=4)

@@ -94,43 +94,6 @@ def test_sparse_mqa_matches_oracle(layout, impl, request):
     assert not got[3].any()
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu"])
-def test_cpu_sparse_attention_takes_whole_contexts_densely(impl, request):
-    """The CPU step (``sparse_v32_cpu.sparse_attention``): rows whose whole context is their
-    top-k go through dense causal decode, the rest through the sparse kernel; every row
-    matches the float64 gather of its own top-k.  Batch (top-k 64): a decode of 40 tokens
-    (dense) and one of 150 (sparse), a 2-token verify ending at 64 (dense), a 100-token prefill
-    chunk from position 30 (34 rows dense, 66 sparse), a 50-token prompt (dense)."""
-    from vllm_mla_backend.backend import sparse_v32_cpu as v32
-
-    if impl == "cpu":
-        request.getfixturevalue("cpu_kernels")
-    gen = torch.Generator().manual_seed(3)
-    layout, B, H, K = KVLayout.V32_FP8, 64, 16, 64
-    query_lens = torch.tensor([1, 1, 2, 100, 50])
-    seq_lens = torch.tensor([40, 150, 64, 130, 50], dtype=torch.int32)
-    qsl = torch.cat([torch.zeros(1, dtype=torch.long), query_lens.cumsum(0)]).int()
-    T, nb = int(qsl[-1]), 16
-    cache = ops.alloc_kv_cache(nb, B, layout)
-    kv = torch.randn(nb * B, 576, generator=gen).bfloat16()
-    ops.write_kv(cache, kv[:, :512], kv[:, 512:], torch.arange(nb * B), layout, impl="reference")
-    block_table = torch.randperm(nb, generator=gen)[:15].view(5, 3).int()
-    req = torch.repeat_interleave(torch.arange(5), query_lens).int()
-    pos = torch.arange(T) - qsl[req.long()].long() + (seq_lens.long() - query_lens)[req.long()]
-    topk = torch.full((T, K), -1, dtype=torch.int32)
-    for t, p in enumerate(pos.tolist()):          # what the indexer selects
-        topk[t, :min(p + 1, K)] = torch.arange(p + 1)[:K] if p < K else \
-            torch.randperm(p + 1, generator=gen)[:K]
-    q = torch.randn(T, H, 576, generator=gen).bfloat16()
-    meta = types.SimpleNamespace(num_reqs=5, query_start_loc=qsl, seq_lens=seq_lens,
-                                 req_id_per_token=req, block_table=block_table, block_size=B,
-                                 topk_tokens=K)
-    got = v32.sparse_attention(q, cache, topk, meta, layout, 576 ** -0.5, impl)
-    want = _oracle(q, cache, layout, topk, req, block_table, B, 576 ** -0.5)
-    assert got.shape == (T, H, 512) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
-
-
 @pytest.fixture
 def v32_vllm_config(tmp_path):
     from transformers import DeepseekV32Config

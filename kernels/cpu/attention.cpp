@@ -379,13 +379,20 @@ class Runner {
       pf.reset(far, v_from_rows && in_place ? 0 : ahead * kChunk, token_bytes_,
                ahead * lines_per_step);
       const int n = int(std::min<int64_t>(kChunk, it.end - j0));
-      bool any = false;
+      bool reached = false, any_valid = false;
       for (int r = 0; r < m; ++r) {
         sc.row_len[r] = int(std::clamp<int64_t>(sc.rows[r].limit - j0, 0, n));
-        any |= sc.row_len[r] > 0;
+        reached |= sc.row_len[r] > 0;
       }
-      if (any) {  // causal: a chunk no row reaches is skipped
-        for (int i = 0; i < kChunk; ++i) valid[i] = refs[i].data != nullptr;
+      for (int i = 0; i < kChunk; ++i) {
+        valid[i] = refs[i].data != nullptr;
+        any_valid |= valid[i] != 0;
+      }
+      // Skipped, with the same result (it would add nothing to any row's state): a chunk no
+      // row reaches (causal), and one of invalid slots only (the -1 tail of a sparse top-k
+      // list over a context shorter than k: a short request's decode or prompt in DeepSeek
+      // V3.2 computed 2048 slots per row regardless).
+      if (reached && any_valid) {
         if (bf16_) {
           uint16_t* vp = v_from_rows ? nullptr : sc.vp.data();
           if (!in_place) {

@@ -7,9 +7,7 @@ name).  ``install()`` points that enum member at ``MLASparseBackend``.
 Everything a V3.2 layer attends goes through one ``ops.mla_sparse_decode`` call per layer and step:
 every token of the batch (decode, spec-verify or prefill) is a query row with its own top-k list
 from the lightning indexer, converted from per-request token positions to cache slots
-(``block * block_size + offset``) by ``request_topk_to_slots``.  (On CPU, where a host sync costs
-nothing, ``sparse_v32_cpu.sparse_attention`` takes the tokens whose top-k is their whole context
-through dense causal decode instead.)  The layer therefore never takes
+(``block * block_size + offset``) by ``request_topk_to_slots``.  The layer therefore never takes
 the dense-MHA prefill path (``supports_dense_mha_prefill = False``: vLLM then drops its prefill
 backend for the layer), and the cache stays in vLLM's layout: ``fp8_ds_mla`` is our V32_FP8
 (656 B/token), ``auto``/``bfloat16`` our BF16 rows; the padded block stride is honoured.
@@ -210,14 +208,10 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         num_tokens = q.shape[0]
-        topk = self.topk_indices_buffer[:num_tokens]
-        if q.device.type == "cpu":      # some tokens densely (no host sync to avoid on CPU)
-            from .sparse_v32_cpu import sparse_attention
-            return sparse_attention(q, kv_c_and_k_pe_cache, topk, attn_metadata, self.layout,
-                                    self.softmax_scale, kernel_impl()), None
-        out = sparse_mqa(q, kv_c_and_k_pe_cache, topk, attn_metadata.req_id_per_token[:num_tokens],
-                         attn_metadata.block_table, attn_metadata.block_size, self.layout,
-                         self.softmax_scale, impl=kernel_impl())
+        out = sparse_mqa(q, kv_c_and_k_pe_cache, self.topk_indices_buffer[:num_tokens],
+                         attn_metadata.req_id_per_token[:num_tokens], attn_metadata.block_table,
+                         attn_metadata.block_size, self.layout, self.softmax_scale,
+                         impl=kernel_impl())
         return out, None
 
 

@@ -13,8 +13,8 @@ that refusal four more things are CUDA- or V4-only:
 
 With our backend on, this module supplies them.  At plugin registration
 ``install_selection`` makes the CPU selector return our sparse backend
-(``sparse_v32.MLASparseBackend``: ``ops.mla_sparse_decode`` on the CPU kernels; on CPU its step
-is ``sparse_attention``, dense where a token's top-k is its whole context) for sparse layers.  When that backend's impl is built for a layer that owns an indexer, ``adopt_indexer``
+(``sparse_v32.MLASparseBackend``: ``ops.mla_sparse_decode`` on the CPU kernels) for sparse
+layers.  When that backend's impl is built for a layer that owns an indexer, ``adopt_indexer``
 turns the layer's ``SparseAttnIndexer`` into a ``CPUSparseAttnIndexer``, whose step is one
 opaque custom op (vLLM traces the CPU model once: a Python forward branching on metadata would
 be frozen into the first trace): K into the cache (``insert_indexer_k``, DeepGEMM's page layout
@@ -302,48 +302,6 @@ def _gemm_scores(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Ten
             t1 = min(length, t0 + chunk)
             k = dequant_indexer_k(kv_cache, pages[t0 // block_size:], t1 - t0, impl, k_buf)
             scores[part, t0:t1] = index_scores(q, w, k, impl != "reference", dots_buf)
-
-
-def sparse_attention(q: torch.Tensor, cache: torch.Tensor, topk: torch.Tensor, metadata,
-                     layout, softmax_scale: float, impl: str | None) -> torch.Tensor:
-    """The sparse MLA of a step on CPU, ``q [T, H, 576]`` -> ``[T, H, 512]``: what
-    ``sparse_v32.sparse_mqa`` computes, except for the tokens whose whole causal context is
-    their top-k (position < top-k: the indexer takes every token, ``index_rows``).  Those attend
-    the same tokens densely through ``ops.mla_decode``: a request's such rows in one causal
-    call, whose kernel reads each K for a group of up to 128 rows where the sparse kernel reads
-    it once per row (a 1k-token prompt's attention 3x faster), and single-token decodes in one
-    batched call.  ``metadata``: vLLM's ``SparseMLACommonMetadata`` for the step."""
-    from .. import ops
-    from ..layouts import D_V
-    from .sparse_v32 import sparse_mqa
-
-    num_reqs, tokens = metadata.num_reqs, q.shape[0]
-    qsl = metadata.query_start_loc[: num_reqs + 1].long()
-    seq_lens = metadata.seq_lens[:num_reqs].long()
-    query_lens = qsl[1:] - qsl[:-1]
-    first_pos = seq_lens - query_lens                 # the position of each request's first row
-    dense = torch.minimum((metadata.topk_tokens - first_pos).clamp(min=0), query_lens)
-    req = metadata.req_id_per_token[:tokens].long()
-    is_dense = torch.arange(tokens) - qsl[req] < dense[req]
-    out = q.new_empty(tokens, q.shape[1], D_V)
-    table = metadata.block_table[:num_reqs]
-
-    decodes = torch.nonzero((query_lens == 1) & (dense == 1)).squeeze(1)
-    if decodes.numel():
-        rows = qsl[decodes]
-        out[rows] = ops.mla_decode(q[rows].unsqueeze(1), cache, table[decodes],
-                                   seq_lens[decodes].int(), layout, softmax_scale,
-                                   impl=impl)[0].squeeze(1)
-    for r in torch.nonzero((query_lens > 1) & (dense > 0)).squeeze(1).tolist():
-        a, m = int(qsl[r]), int(dense[r])
-        ops.mla_decode(q[a:a + m].unsqueeze(0), cache, table[r:r + 1],
-                       (first_pos[r:r + 1] + m).int(), layout, softmax_scale, causal=True,
-                       impl=impl, out=out[a:a + m].unsqueeze(0))
-    rows = torch.nonzero(~is_dense).squeeze(1)
-    if rows.numel():
-        out[rows] = sparse_mqa(q[rows], cache, topk[rows], req[rows], table,
-                               metadata.block_size, layout, softmax_scale, impl)
-    return out
 
 
 # ------------------------------------------------------------------------------------------
