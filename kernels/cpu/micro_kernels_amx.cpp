@@ -412,6 +412,15 @@ static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, i
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
     const int n = int(t_end - t0 < kTokens ? t_end - t0 : kTokens);
     for (int j = 0; j < kTokens; ++j) {
+      // K two chunks ahead into L2, a token per step: a request's blocks lie anywhere, and
+      // the hardware prefetcher stops at each page (decode, K from DRAM: 1.09-1.13x)
+      if (const int64_t ahead = t0 + 2 * kTokens + j; ahead < t_end) {
+        const uint8_t* v = cache.values(ahead);
+        __builtin_prefetch(v, 0, 2);
+        __builtin_prefetch(v + 64, 0, 2);
+        if (j % 16 == 0) __builtin_prefetch(cache.block(ahead) + int64_t(cache.block_size) *
+                                            cache.head_dim + (ahead % cache.block_size) * 4, 0, 2);
+      }
       if (j < n) {
         const uint8_t* v = cache.values(t0 + j);
         decode(v, k[j]);
