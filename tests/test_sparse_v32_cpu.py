@@ -330,3 +330,25 @@ def test_topk_rejects_bad_input():
         topk(scores, torch.tensor([5, 3]), torch.empty(2, 4, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="scores must be float32"):
         topk(scores.double(), torch.tensor([5, 3]), out)
+
+
+@pytest.mark.parametrize("fields,error,match", [
+    (dict(use_fp4_cache=True), NotImplementedError, "fp8 cache"),
+    (dict(compress_ratio=4, skip_k_cache_insert=False), NotImplementedError, "fp8 cache"),
+    (dict(compress_ratio=1, skip_k_cache_insert=True), NotImplementedError, "fp8 cache"),
+    (dict(dcp_world_size=2), NotImplementedError, "context parallelism"),
+    (dict(use_pcp=True), NotImplementedError, "context parallelism"),
+])
+def test_adopt_indexer_refuses_what_it_cannot_run(fields, error, match):
+    """V3.2's indexer (uncompressed, K inserted by it) and V4's C4 indexer (compressed, K from
+    its compressor) are taken; other combinations are startup errors, the indexer untouched."""
+    import types
+    op = types.SimpleNamespace(topk_indices_buffer=torch.empty(1), compress_ratio=1,
+                               skip_k_cache_insert=False, use_fp4_cache=False, dcp_world_size=1,
+                               use_pcp=False)
+    vars(op).update(fields)
+    with pytest.raises(error, match=match):
+        v32.adopt_indexer(types.SimpleNamespace(indexer_op=op))
+    assert type(op) is types.SimpleNamespace
+    with pytest.raises(RuntimeError, match="no indexer_op"):
+        v32.adopt_indexer(types.SimpleNamespace())

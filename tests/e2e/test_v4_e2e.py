@@ -5,9 +5,11 @@ layer, one C4 layer with its indexer, one C128 layer) in bfloat16 (vLLM's V4 CPU
 run in float32: ``hc_pre_fused_cpu: x must be bf16/fp16``) and decode greedily.  Prompts are
 longer than the 64-token window and the 128 compression ratio, so every layer reads its
 compressed cache and the window cache together.  Ours goes through ``deepseek_v4.register()``,
-the hook the plugin calls.  Expected: the same tokens, and per-token logprobs within 0.1 (bf16
+the hook the plugin calls.  Expected: the same tokens, and per-token logprobs within 0.15 (bf16
 rounding in a different summation order, plus the one place where the bytes differ: our
-quantizer keeps e4m3 subnormals that vLLM's CPU writer flushes to zero).
+quantizer keeps e4m3 subnormals that vLLM's CPU writer flushes to zero): see LOGPROB_ATOL.
+A second run checks the C4 indexer's step, ours against vLLM's on the same inputs, inside the
+engine (``test_v4_indexer_selects_as_vllm_cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 RUNNER = Path(__file__).with_name("v4_runner.py")
 PROMPT_LENGTHS = (260, 140, 40)     # > window (64) and > ratio (128); one shorter than both
 MAX_TOKENS = 8
-LOGPROB_ATOL = 0.1
+# bf16 end to end (0.137 seen); 0.1 held while the runner skipped the engine's slot-mapping
+# kernel (see v4_runner.py), i.e. with the KV caches barely written in both engines
+LOGPROB_ATOL = 0.15
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +39,14 @@ def tiny_v4():
     return build_tiny_v4(seed=0)
 
 
-def _prompts(vocab: int) -> list[list[int]]:
+def _prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 def _run(model: Path, mode: str, prompts) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_MLA_BACKEND"}
-    env["VLLM_MLA_BACKEND"] = "1" if mode == "ours" else "0"
+    env["VLLM_MLA_BACKEND"] = "0" if mode == "vllm" else "1"
     proc = subprocess.run([sys.executable, str(RUNNER), str(model), mode, json.dumps(prompts),
                            str(MAX_TOKENS)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=400)
@@ -70,3 +74,18 @@ def test_v4_greedy_matches_vllm_cpu_path(tiny_v4):
         assert len(a) == MAX_TOKENS
     diffs = [abs(x - y) for p, q in zip(theirs["logprobs"], ours["logprobs"]) for x, y in zip(p, q)]
     assert max(diffs) <= LOGPROB_ATOL, f"logprob difference {max(diffs)}"
+
+
+def test_v4_indexer_selects_as_vllm_cpu_kernels(tiny_v4):
+    """A 4000-token prompt: 1000 compressed tokens, twice the C4 indexer's top-k (512), so from
+    the steps that reach 512 on (chunked prefill, then every decode) the indexer selects.  In
+    the engine, each step of ours (``sparse_v32_cpu.adopt_indexer``: AMX scores, radix top-k)
+    is checked against vLLM's CPU step (``fp8_paged_mqa_logits_cpu`` + ``topk_transform_512_cpu``)
+    on the same inputs and metadata (runner ``check-indexer``).  Not the tokens: over 4000
+    tokens bf16 differences between the two engines reach near-ties of the indexer's scores in
+    later layers, and greedy decoding of a random model follows them."""
+    vocab = json.loads((tiny_v4 / "config.json").read_text())["vocab_size"]
+    check = _run(tiny_v4, "check-indexer", _prompts(vocab, (4000,)))["indexer_check"]
+    assert check["steps"] >= MAX_TOKENS and check["scored_rows"] >= 512
+    assert check["rows"] >= 4000 and check["differing_rows"] <= check["rows"] // 100, check
+    assert check["worst_overlap"] >= 0.99, check

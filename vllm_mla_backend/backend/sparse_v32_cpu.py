@@ -308,8 +308,10 @@ def _gemm_scores(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Ten
 # The indexer step, as one opaque op (vLLM traces the CPU model once: a Python forward with a
 # metadata branch would be frozen into the first trace)
 # ------------------------------------------------------------------------------------------
-def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor | None, weights: torch.Tensor,
                   topk_indices_buffer: torch.Tensor, k_cache_prefix: str, topk: int) -> None:
+    """One layer's indexer step: ``k`` into the cache (V3.2; None: V4, whose compressor wrote
+    it), then each token's top-k positions into ``topk_indices_buffer``."""
     from vllm.forward_context import get_forward_context
 
     context = get_forward_context()
@@ -319,7 +321,8 @@ def _indexer_step(q_fp8: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     meta = metadata[k_cache_prefix]
     kv_cache = context.no_compile_layers[k_cache_prefix].kv_cache
     num_tokens = meta.slot_mapping.shape[0]
-    insert_indexer_k(k[:num_tokens], kv_cache, meta.slot_mapping)
+    if k is not None:
+        insert_indexer_k(k[:num_tokens], kv_cache, meta.slot_mapping)
     out = topk_indices_buffer[:num_tokens, :topk]
     out.fill_(-1)
 
@@ -361,9 +364,10 @@ def _indexer_cls():
     from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
 
     class CPUSparseAttnIndexer(SparseAttnIndexer):
-        """V3.2's indexer step through ``_indexer_step``."""
+        """The indexer step through ``_indexer_step``."""
 
         def forward_cpu(self, hidden_states, q_quant, k, weights):
+            k = None if self.skip_k_cache_insert else k
             torch.ops.vllm.vllm_mla_v32_cpu_indexer(q_quant, k, weights,
                                                     self.topk_indices_buffer,
                                                     self.k_cache.prefix, self.topk_tokens)
@@ -374,23 +378,32 @@ def _indexer_cls():
 
 
 def adopt_indexer(indexer) -> None:
-    """Route a V3.2 layer's indexer (``deepseek_v2.Indexer``) through ``_indexer_step``: its
-    ``SparseAttnIndexer`` becomes a ``CPUSparseAttnIndexer`` (same state, other forward).
-    Called by our sparse impl for the layers that own an indexer, on CPU."""
+    """Route a DSA layer's indexer through ``_indexer_step``: DeepSeek V3.2's
+    (``deepseek_v2.Indexer``: uncompressed cache, K inserted by the indexer) or V4's C4 indexer
+    (``DeepseekV4Indexer``: compressed cache written by its compressor; vLLM's CPU step is its
+    paged logits kernel and the 512-only top-k).  Its ``SparseAttnIndexer`` becomes a
+    ``CPUSparseAttnIndexer`` (same state, other forward).  Called on CPU by our sparse impl (V3.2)
+    and our V4 attention, for the layers that own an indexer."""
     op = getattr(indexer, "indexer_op", None)
     if op is None or not hasattr(op, "topk_indices_buffer"):
-        raise RuntimeError("vllm-mla-backend: this vLLM's DeepSeek V3.2 indexer has no "
-                           "indexer_op to run on CPU")
-    if op.compress_ratio != 1 or op.skip_k_cache_insert or op.use_fp4_cache:
-        raise NotImplementedError("vllm-mla-backend: on CPU only DeepSeek V3.2's indexer "
-                                  "(uncompressed fp8 cache, K inserted by the indexer)")
+        raise RuntimeError("vllm-mla-backend: this vLLM's DSA indexer has no indexer_op to run "
+                           "on CPU")
+    v4 = op.compress_ratio > 1
+    if op.use_fp4_cache or op.skip_k_cache_insert != v4:
+        raise NotImplementedError("vllm-mla-backend: on CPU a DSA indexer with an fp8 cache, "
+                                  "uncompressed with K inserted by the indexer (DeepSeek V3.2) "
+                                  "or compressed by its compressor (V4)")
     if op.dcp_world_size > 1 or op.use_pcp:
         raise NotImplementedError("vllm-mla-backend: context parallelism on CPU")
     from vllm.config import get_current_vllm_config
     if get_current_vllm_config().speculative_config is not None:
         raise NotImplementedError("vllm-mla-backend: speculative decoding with a DeepSeek V3.2 "
-                                  "model on CPU (its indexer takes one query token per request)")
-    install_v32_support()
+                                  "or V4 model on CPU (its indexer takes one query token per "
+                                  "request)")
+    if v4:
+        _register_indexer_op()
+    else:
+        install_v32_support()
     op.__class__ = _indexer_cls()
     op._forward_method = op.forward_cpu    # CustomOp binds its forward at construction
 
