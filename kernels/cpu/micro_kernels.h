@@ -107,9 +107,12 @@ struct IndexerCacheView {
   const uint8_t* block(int64_t t) const { return base + int64_t(pages[t / block_size]) * stride; }
   // token t's head_dim e4m3 values, and its scale
   const uint8_t* values(int64_t t) const { return block(t) + (t % block_size) * head_dim; }
+  const uint8_t* scale_bytes(int64_t t) const {
+    return block(t) + int64_t(block_size) * head_dim + (t % block_size) * 4;
+  }
   float scale(int64_t t) const {
     float s;
-    std::memcpy(&s, block(t) + int64_t(block_size) * head_dim + (t % block_size) * 4, 4);
+    std::memcpy(&s, scale_bytes(t), 4);
     return s;
   }
 };

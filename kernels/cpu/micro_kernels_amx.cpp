@@ -393,10 +393,10 @@ static void attend(const uint16_t* qp, int m, const KRows& k, int n, int d, cons
 }
 
 // DeepSeek V3.2's index scores for tokens [t_begin, t_end) of one request (indexer.cpp), row r
-// only for t < row_len[r]: score[r][t] = sum_h w[r][h] * relu(k_scale[t] * q[r][h] . k[t]),
-// K decoded 64 tokens at a time
-// into bf16 rows (e4m3 values are exact in bf16), the dot products on tiles (S^T, a head block of
-// 16 at a time, as the attention's scores), ReLU and the weighted head sum in float32 vectors.
+// only for t < row_len[r]: score[r][t] = sum_h w[r][h] * relu(k_scale[t] * q[r][h] . k[t]). K
+// decoded 64 tokens at a time into bf16 rows (e4m3 values are exact in bf16), the dot products
+// on tiles (S^T, a head block of 16 at a time, as the attention's scores), ReLU and the
+// weighted head sum in float32 vectors.
 static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, int heads,
                            const IndexerCacheView& cache, int64_t t_begin, int64_t t_end,
                            const int64_t* row_len, float* scores, int64_t ld) {
@@ -418,8 +418,7 @@ static void indexer_scores(const uint16_t* q_packed, const float* w, int rows, i
         const uint8_t* v = cache.values(ahead);
         __builtin_prefetch(v, 0, 2);
         __builtin_prefetch(v + 64, 0, 2);
-        if (j % 16 == 0) __builtin_prefetch(cache.block(ahead) + int64_t(cache.block_size) *
-                                            cache.head_dim + (ahead % cache.block_size) * 4, 0, 2);
+        if (j % 16 == 0) __builtin_prefetch(cache.scale_bytes(ahead), 0, 2);
       }
       if (j < n) {
         const uint8_t* v = cache.values(t0 + j);

