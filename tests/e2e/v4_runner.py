@@ -92,10 +92,8 @@ def install_vllm_cpu_stand_ins() -> None:
     cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = _tile_scheduler_all_none
     # the C4 indexer's prefill rows (read by both indexers once a prompt has more compressed
     # tokens than the top-k): our torch version of the Triton kernel
-    from vllm.triton_utils.dispatcher import register_kernels
-    from vllm_mla_backend.backend.sparse_v32_cpu import prefill_chunk_rows
-    register_kernels({"vllm.v1.attention.backends.mla.indexer."
-                      "BuildPrefillChunkMetadataKernel.kernel": prefill_chunk_rows})
+    from vllm_mla_backend.backend.sparse_v32_cpu import register_prefill_chunk_rows
+    register_prefill_chunk_rows()
 
 
 def _check_indexer_against_vllm(stats: dict) -> None:

@@ -434,15 +434,23 @@ def install_v32_support() -> None:
     """The indexer's q quantization, prefill metadata kernel and custom op (once, when the
     first V3.2 layer is built: the model module is loaded by then)."""
     from vllm.model_executor.models import deepseek_v2
-    from vllm.triton_utils.dispatcher import register_kernels
 
     if not hasattr(deepseek_v2, "per_token_group_quant_fp8"):
         raise RuntimeError("vllm-mla-backend: this vLLM's deepseek_v2 module has no "
                            "per_token_group_quant_fp8 to replace (DeepSeek V3.2 on CPU)")
     deepseek_v2.per_token_group_quant_fp8 = _quant_for_indexer
+    register_prefill_chunk_rows()
+    _register_indexer_op()
+
+
+@functools.cache
+def register_prefill_chunk_rows() -> None:
+    """``prefill_chunk_rows`` in place of the indexer metadata's Triton kernel (vLLM's
+    Triton-override hook; V3.2 and V4 on CPU)."""
+    from vllm.triton_utils.dispatcher import register_kernels
+
     register_kernels({"vllm.v1.attention.backends.mla.indexer."
                       "BuildPrefillChunkMetadataKernel.kernel": prefill_chunk_rows})
-    _register_indexer_op()
 
 
 def _quant_for_indexer(x, group_size, eps=1e-10, dtype=None, column_major_scales=False,
