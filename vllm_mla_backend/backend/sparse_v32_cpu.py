@@ -397,9 +397,9 @@ def adopt_indexer(indexer) -> None:
         raise NotImplementedError("vllm-mla-backend: context parallelism on CPU")
     from vllm.config import get_current_vllm_config
     if get_current_vllm_config().speculative_config is not None:
-        raise NotImplementedError("vllm-mla-backend: speculative decoding with a DeepSeek V3.2 "
-                                  "or V4 model on CPU (its indexer takes one query token per "
-                                  "request)")
+        raise NotImplementedError(f"vllm-mla-backend: speculative decoding with a DeepSeek "
+                                  f"{'V4' if v4 else 'V3.2'} model on CPU (its indexer takes "
+                                  f"one query token per request)")
     if v4:
         _register_indexer_op()
     else:
