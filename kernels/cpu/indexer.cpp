@@ -28,11 +28,16 @@ static void dequant_row(const uint8_t* src, int64_t head_dim, float scale, float
   for (int64_t i = 0; i < head_dim; i += 16) _mm512_storeu_ps(dst + i, e4m3x16_to_f32(src + i, s));
 }
 
+// The lanes of the first min(n, 16) elements.
+static inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+}
+
 // keys[i] = score_key(s[i]) (indexer_topk's order-preserving keys), 16 at a time.
 static void score_keys(const float* s, int64_t n, uint32_t* keys) {
   const __m512i top = _mm512_set1_epi32(int32_t(0x80000000u)), ones = _mm512_set1_epi32(-1);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 live = first_lanes(n - i);
     const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(live, s + i), _mm512_setzero_ps());
     const __m512i u = _mm512_castps_si512(x);
     __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, top), _mm512_movepi32_mask(u), u, ones);
@@ -47,7 +52,7 @@ static int64_t keys_with_prefix(const uint32_t* keys, int64_t n, uint32_t high, 
   const __m512i h = _mm512_set1_epi32(int32_t(high)), p = _mm512_set1_epi32(int32_t(prefix));
   int64_t kept = 0;
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 live = first_lanes(n - i);
     const __m512i v = _mm512_maskz_loadu_epi32(live, keys + i);
     const __mmask16 match = _mm512_mask_cmpeq_epi32_mask(live, _mm512_and_si512(v, h), p);
     _mm512_mask_compressstoreu_epi32(out + kept, match, v);
@@ -64,7 +69,7 @@ static int64_t keys_above(const uint32_t* keys, int64_t n, uint32_t kth, int64_t
   __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t taken = 0;
   for (int64_t i = 0; i < n; i += 16, pos = _mm512_add_epi32(pos, step)) {
-    const __mmask16 live = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 live = first_lanes(n - i);
     const __m512i v = _mm512_maskz_loadu_epi32(live, keys + i);
     uint32_t equal = _mm512_mask_cmpeq_epi32_mask(live, v, threshold);
     while (__builtin_popcount(equal) > ties) equal &= ~(0x80000000u >> __builtin_clz(equal));

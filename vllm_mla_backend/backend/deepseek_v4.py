@@ -166,11 +166,12 @@ def install_cpu_metadata() -> None:
 def token_to_req_indices(query_start_loc: torch.Tensor, out: torch.Tensor,
                          num_mapped_tokens: int, num_tokens: int) -> torch.Tensor:
     """vLLM's ``compute_token_to_req_indices`` in torch: the request of each of the first
-    ``num_tokens`` tokens into ``out``, 0 for tokens at or past ``num_mapped_tokens``."""
-    qsl = query_start_loc.long()
-    tokens = torch.arange(num_tokens, device=qsl.device)
-    req = torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
-    out[:num_tokens] = torch.where(tokens < num_mapped_tokens, req, 0).to(out.dtype)
+    ``num_tokens`` tokens into ``out`` (our sparse backend's map), 0 for tokens at or past
+    ``num_mapped_tokens``."""
+    from .sparse_v32 import token_request_ids
+
+    token_request_ids(query_start_loc, num_tokens, out)
+    out[num_mapped_tokens:num_tokens] = 0
     return out[:num_tokens]
 
 

@@ -235,10 +235,11 @@ def index_rows(q_fp8: torch.Tensor, weights: torch.Tensor, kv_cache: torch.Tenso
     if fused:
         q_fp8, weights = q_fp8.contiguous(), weights.float().contiguous()
 
-    scored = torch.nonzero(lengths > topk).squeeze(1)
+    takes_all = lengths <= topk
+    scored = torch.nonzero(~takes_all).squeeze(1)
     if scored.numel() < n:              # the rest take every position: 0, 1, ..., then -1
         pos = torch.arange(topk, dtype=out.dtype)
-        every = torch.nonzero(lengths <= topk).squeeze(1)
+        every = torch.nonzero(takes_all).squeeze(1)
         out.index_copy_(0, every, pos.expand(len(every), topk).masked_fill(
             pos >= lengths[every, None], -1))
     for batch in _row_batches(scored, lengths, logits_budget):
