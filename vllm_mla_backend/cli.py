@@ -1,9 +1,9 @@
 """``vllm-mla``: serve with vLLM through our backend, run the demo, diagnose an install.
 
-    vllm-mla serve MODEL [vllm serve options...]   vLLM's OpenAI server, our backend on
-    vllm-mla demo [--moe] [--keep-logs]             tiny model -> server -> completion + chat
-    vllm-mla bench [--batch-sizes 1 8] [--rounds N] tiny-model decode tok/s: ours vs vLLM's own
-    vllm-mla doctor                                 versions, ISA, kernels, selected backend
+    vllm-mla serve MODEL [vllm serve options...]      vLLM's OpenAI server, our backend on
+    vllm-mla demo [--moe | --v32 | --v4] [--keep-logs] tiny model -> server -> completion + chat
+    vllm-mla bench [--batch-sizes 1 8] [--rounds N]    tiny-model decode tok/s: ours vs vLLM's
+    vllm-mla doctor                                    versions, ISA, kernels, selected backend
 
 ``serve`` is ``vllm serve`` with ``VLLM_MLA_BACKEND=1`` unless the environment sets it.  It calls
 vLLM's own CLI in this process; the only difference from the ``vllm`` console script is that the
@@ -170,18 +170,25 @@ DEMO_CHAT = [{"role": "user", "content": "Can you tell me a short story about th
 DEMO_V32_TOPK = 64   # the smallest the tiny builder makes (its prompts here are shorter)
 
 
-def demo(moe: bool = False, keep_logs: bool = False, v32: bool = False) -> int:
+def demo(moe: bool = False, keep_logs: bool = False, v32: bool = False,
+         v4: bool = False) -> int:
     """Build the tiny model (cached), serve it with our backend, one completion, one chat.
-    ``v32``: the DeepSeek V3.2 variant (a DSA indexer per layer) with V3.2's fp8_ds_mla cache."""
+    ``v32``: the DeepSeek V3.2 variant (a DSA indexer per layer) with V3.2's fp8_ds_mla cache;
+    ``v4``: the tiny DeepSeek V4 model (sliding window + compressed caches, MODEL1 layout)."""
     from openai import OpenAI
 
     from .tiny_model import build_tiny_model
+    from .tiny_v4 import INDEX_TOPK, build_tiny_v4
 
     t0 = time.perf_counter()
-    model = build_tiny_model(moe=moe, index_topk=DEMO_V32_TOPK if v32 else None)
-    arch = f"DeepSeek-V3.2 (indexer top-k {DEMO_V32_TOPK})" if v32 else "DeepSeek-V3"
-    print(f"[demo] tiny {arch} model ({'MoE' if moe else 'dense'}): {model} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    if v4:
+        model = build_tiny_v4()
+        arch = f"DeepSeek-V4 (MoE, C4 indexer top-k {INDEX_TOPK})"
+    else:
+        model = build_tiny_model(moe=moe, index_topk=DEMO_V32_TOPK if v32 else None)
+        arch = (f"DeepSeek-V3.2 (indexer top-k {DEMO_V32_TOPK})" if v32 else "DeepSeek-V3") + \
+            f" ({'MoE' if moe else 'dense'})"
+    print(f"[demo] tiny {arch} model: {model} ({time.perf_counter() - t0:.1f} s)")
     env = server_env_defaults()
     args = ["--max-model-len", "2048", "--dtype", "bfloat16"]
     if v32:
@@ -323,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="tiny model -> OpenAI server -> completion + chat")
     p_demo.add_argument("--moe", action="store_true", help="the MoE variant of the tiny model")
     p_demo.add_argument("--keep-logs", action="store_true", help="keep the server log file")
-    p_demo.add_argument("--v32", action="store_true",
-                        help="the DeepSeek V3.2 variant (DSA indexer), fp8_ds_mla cache")
+    variant = p_demo.add_mutually_exclusive_group()
+    variant.add_argument("--v32", action="store_true",
+                         help="the DeepSeek V3.2 variant (DSA indexer), fp8_ds_mla cache")
+    variant.add_argument("--v4", action="store_true",
+                         help="a tiny DeepSeek V4 model (MODEL1 caches, C4 indexer, sinks)")
     p_bench = sub.add_parser("bench", help="tiny-model decode throughput and engine start: "
                                            "our backend vs vLLM's own, alternating")
     bench.add_arguments(p_bench)
@@ -334,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench.command(args)
     if args.cmd == "demo":
         try:
-            return demo(moe=args.moe, keep_logs=args.keep_logs, v32=args.v32)
+            return demo(moe=args.moe, keep_logs=args.keep_logs, v32=args.v32, v4=args.v4)
         except (RuntimeError, TimeoutError) as e:   # the server's log tail is in the message
             print(f"[demo] FAILED: {e}", file=sys.stderr)
             return 1

@@ -69,13 +69,20 @@ def test_bench_measures_both_backends(tiny_dense):
     assert (out.stdout + out.stderr).count("vllm-mla-backend active") == 1, out.stdout[-3000:]
 
 
+DEMO_BACKEND_LINES = {
+    "--v32": "vllm-mla-backend active for DeepSeek V3.2 sparse MLA: kernels native cpu, "
+             "kv-cache dtype fp8_ds_mla -> layout V32_FP8 (656 B/token), block size 64",
+    "--v4": "vllm-mla-backend active for DeepSeek V4 sparse MLA: kernels native cpu, layout "
+            "MODEL1_FP8 (584 B/token), window cache written by ours",
+}
+
+
 @pytest.mark.slow
-def test_demo_v32_serves_deepseek_v32_on_cpu():
-    """`vllm-mla demo --v32`: the tiny DeepSeek V3.2 model through vLLM's OpenAI server
-    (compiled graph, fp8_ds_mla cache); test_v32_e2e.py checks what it computes."""
-    out = _cli("demo", "--v32", timeout=900)
+@pytest.mark.parametrize("variant", sorted(DEMO_BACKEND_LINES))
+def test_demo_serves_sparse_models_on_cpu(variant):
+    """`vllm-mla demo --v32 / --v4`: the tiny DeepSeek V3.2 / V4 model through vLLM's OpenAI
+    server; test_v32_e2e.py and test_v4_e2e.py check what they compute."""
+    out = _cli("demo", variant, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[completion] text:" in out.stdout and "[chat] assistant:" in out.stdout
-    assert ("vllm-mla-backend active for DeepSeek V3.2 sparse MLA: kernels native cpu, "
-            "kv-cache dtype fp8_ds_mla -> layout V32_FP8 (656 B/token), block size 64"
-            ) in out.stdout
+    assert DEMO_BACKEND_LINES[variant] in out.stdout

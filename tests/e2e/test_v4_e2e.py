@@ -9,7 +9,9 @@ the hook the plugin calls.  Expected: the same tokens, and per-token logprobs wi
 rounding in a different summation order, plus the one place where the bytes differ: our
 quantizer keeps e4m3 subnormals that vLLM's CPU writer flushes to zero): see LOGPROB_ATOL.
 A second run checks the C4 indexer's step, ours against vLLM's on the same inputs, inside the
-engine (``test_v4_indexer_selects_as_vllm_cpu_kernels``).
+engine (``test_v4_indexer_selects_as_vllm_cpu_kernels``); a third serves the model through
+``vllm-mla serve`` (OpenAI server, engine in its own process, the plugin loaded by vLLM's entry
+point) and compares the served tokens with vLLM's own in-process run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ def tiny_v4():
     return build_tiny_v4(seed=0)
 
 
+@pytest.fixture(scope="module")
+def prompts(tiny_v4):
+    return _prompts(json.loads((tiny_v4 / "config.json").read_text())["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def vllm_own(tiny_v4, prompts):
+    """vLLM's own CPU V4 path on ``prompts``: the oracle of the greedy runs."""
+    return _run(tiny_v4, "vllm", prompts)
+
+
 def _prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
@@ -57,10 +70,18 @@ def _run(model: Path, mode: str, prompts) -> dict:
     return json.loads(lines[-1][len("V4RESULT "):])
 
 
-def test_v4_greedy_matches_vllm_cpu_path(tiny_v4):
-    vocab = json.loads((tiny_v4 / "config.json").read_text())["vocab_size"]
-    prompts = _prompts(vocab)
-    theirs = _run(tiny_v4, "vllm", prompts)
+def _assert_same_greedy_run(theirs: dict, tokens: list[list[int]],
+                            logprobs: list[list[float]]) -> None:
+    for i, (a, b) in enumerate(zip(theirs["tokens"], tokens, strict=True)):
+        assert a == b, f"prompt {i} ({PROMPT_LENGTHS[i]} tokens): vLLM {a} vs ours {b}"
+        assert len(a) == MAX_TOKENS
+    diffs = [abs(x - y) for p, q in zip(theirs["logprobs"], logprobs, strict=True)
+             for x, y in zip(p, q, strict=True)]
+    assert max(diffs) <= LOGPROB_ATOL, f"logprob difference {max(diffs)}"
+
+
+def test_v4_greedy_matches_vllm_cpu_path(tiny_v4, prompts, vllm_own):
+    theirs = vllm_own
     ours = _run(tiny_v4, "ours", prompts)
 
     assert theirs["layer_classes"] == ["DeepseekV4CPUAttention"]
@@ -69,11 +90,36 @@ def test_v4_greedy_matches_vllm_cpu_path(tiny_v4):
     assert ours["calls"]["mla_sparse_decode"] >= 3 * MAX_TOKENS
     assert ours["calls"]["write_kv"] == ours["calls"]["mla_sparse_decode"]
 
-    for i, (a, b) in enumerate(zip(theirs["tokens"], ours["tokens"])):
-        assert a == b, f"prompt {i} ({PROMPT_LENGTHS[i]} tokens): vLLM {a} vs ours {b}"
-        assert len(a) == MAX_TOKENS
-    diffs = [abs(x - y) for p, q in zip(theirs["logprobs"], ours["logprobs"]) for x, y in zip(p, q)]
-    assert max(diffs) <= LOGPROB_ATOL, f"logprob difference {max(diffs)}"
+    _assert_same_greedy_run(theirs, ours["tokens"], ours["logprobs"])
+
+
+def test_v4_served_matches_vllm_cpu_path(tiny_v4, prompts, vllm_own, tmp_path):
+    """``vllm-mla serve`` on the tiny V4 model (vLLM's default engine: its own process, the
+    plugin loaded through the entry point, V4's ``deepseek_v4`` tokenizer mode): the same
+    prompts as token ids in one completion request, then a chat request."""
+    from openai import OpenAI
+
+    from vllm_mla_backend.cli import Server, backend_from_log, server_env_defaults
+
+    env = {**server_env_defaults(), "VLLM_MLA_BACKEND": "1"}
+    args = ["--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "4"]
+    with Server(tiny_v4, args, env=env, log_path=tmp_path / "server.log") as server:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
+                        timeout=300)
+        out = client.completions.create(
+            model=server.model_name, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0.0,
+            logprobs=1, extra_body={"ignore_eos": True, "return_token_ids": True})
+        chat = client.chat.completions.create(
+            model=server.model_name, max_tokens=4, temperature=0.0,
+            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            extra_body={"ignore_eos": True})
+        served_by = backend_from_log(server.log_path)
+    assert served_by.startswith("vllm-mla-backend active for DeepSeek V4 sparse MLA: kernels "
+                                "native cpu, layout MODEL1_FP8 (584 B/token)"), served_by
+    choices = sorted(out.choices, key=lambda c: c.index)
+    _assert_same_greedy_run(vllm_own, [c.token_ids for c in choices],
+                            [c.logprobs.token_logprobs for c in choices])
+    assert chat.usage.completion_tokens == 4 and chat.choices[0].finish_reason == "length"
 
 
 def test_v4_indexer_selects_as_vllm_cpu_kernels(tiny_v4):

@@ -112,7 +112,12 @@ def install() -> None:
             _lookup(_CUDA_MODULE, name, version)
         _replace(_CUDA_MODULE, "flash_mla_with_kvcache", flashmla_sparse_decode)
         _replace(_CUDA_MODULE, "flash_mla_sparse_fwd", flashmla_sparse_prefill)
-    logger.info("DeepSeek V4 attention through vllm-mla-backend (%s)",
+    from .mla import kernel_description
+    logger.info("vllm-mla-backend active for DeepSeek V4 sparse MLA: kernels %s, layout %s "
+                "(%d B/token), %s (replaced: %s)", kernel_description(flavour), LAYOUT.name,
+                LAYOUT.bytes_per_token,
+                "window cache written by ours, compressed caches by vLLM's compressor, C4 "
+                "indexer ours" if flavour == "cpu" else "cache writes by vLLM's fused kernels",
                 ", ".join(f"{m}.{n}" for m, n in _saved))
 
 
