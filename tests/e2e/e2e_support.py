@@ -51,6 +51,7 @@ def run_engine(model: Path, *, backend: str | None, llm: dict, waves: list[dict]
 # --- prompts: chunked prefill + a shared prefix ----------------------------------------------
 
 CHUNK_TOKENS = 64        # max_num_batched_tokens: every prompt here but one spans several chunks
+LONG_CHUNK_TOKENS = 512  # the same for long_prefill_waves: chunks long enough for MHA prefill
 PREFIX_TOKENS = 200      # shared by most prompts: more than one KV block (vLLM's CPU default: 128)
 MAX_TOKENS = 16
 TOP_LOGPROBS = 5
@@ -71,6 +72,18 @@ def chunked_prefix_waves(vocab_size: int, *, first_id: int = 5, seed: int = 0) -
     wave2 = [bos + prefix + ids(100), bos + prefix + ids(3), bos + ids(150), bos + ids(10)]
     sampling = {"max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS, "ignore_eos": True}
     return [{"prompts": wave1, "sampling": sampling}, {"prompts": wave2, "sampling": sampling}]
+
+
+def long_prefill_waves(vocab_size: int, *, first_id: int = 5, seed: int = 1) -> list[dict]:
+    """Prompts of 450-900 tokens for prefill chunks of up to LONG_CHUNK_TOKENS: wave 1 one
+    701-token prompt, wave 2 the same 600-token prefix + 300 new tokens (a prefix-cache hit)
+    next to an unrelated 451-token prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: _random_ids(gen, n, vocab_size, first_id)  # noqa: E731
+    prefix = [0] + ids(600)
+    sampling = {"max_tokens": 8, "logprobs": TOP_LOGPROBS, "ignore_eos": True}
+    return [{"prompts": [prefix + ids(100)], "sampling": sampling},
+            {"prompts": [prefix + ids(300), [0] + ids(450)], "sampling": sampling}]
 
 
 def engine_kwargs(dtype: str, **extra) -> dict:

@@ -11,10 +11,12 @@ the decode query and W_UV out of the latent output around ``forward_mqa``:
 * ``MLAImpl``:
   - ``do_kv_cache_update``: ``ops.write_kv`` in the layout of ``--kv-cache-dtype``;
   - ``forward_mqa`` (decode): ``ops.mla_decode``, s_q > 1 bottom-right causal;
-  - ``forward_mha`` (prefill, chunked and over a cached prefix): on CPU, latent-space MQA over
-    the paged cache after the KV write: ``ops.mla_decode`` with s_q = query length and
-    ``causal=True`` per prefill request, which is exactly "new tokens attend the cached context
-    plus the new tokens before them".  On CUDA, vLLM's MHA prefill (FlashInfer / FlashAttention
+  - ``forward_mha`` (prefill, chunked and over a cached prefix): on CPU, per prefill request
+    whichever is cheaper (``mha_prefill.mha_pays``): latent-space MQA over the paged cache
+    after the KV write (``ops.mla_decode`` with s_q = query length and ``causal=True``: "new
+    tokens attend the cached context plus the new tokens before them"; short chunks), or MHA
+    over keys decompressed by ``kv_b_proj`` in chunks (``mha_prefill``: long prompts, a third
+    of the arithmetic).  On CUDA, vLLM's MHA prefill (FlashInfer / FlashAttention
     through its prefill backend, context gathered from the cache by vLLM's own kernels, which
     read our BF16 / FP8 / fp8_ds_mla bytes: those layouts are vLLM's).
 
@@ -50,6 +52,7 @@ from vllm.v1.attention.backend import (
 from .. import huge_pages, ops
 from ..decode_schedule import decode_workspace_size
 from ..layouts import D_V, KVLayout
+from . import mha_prefill
 from .registration import BLOCK_SIZE_MULTIPLE, kernel_impl
 
 # A child of vLLM's logger: vLLM configures its handlers and format in every process.
@@ -298,8 +301,16 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         # prechecked path runs on vLLM's tensors (metadata vLLM builds, a cache checked once).
         self.checked_caches = CheckedCaches()
         self.ops_impl = self.kernel_impl or ("cuda" if current_platform.is_cuda() else "cpu")
+        self.w_kv = None      # kv_b_proj's weight for the MHA prefill (CPU, after loading)
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        if self.latent_prefill and self.qk_nope_head_dim > 0:
+            # Our own copy ([heads * (nope + v), kv_lora_rank], the model's dtype): with the
+            # AMX bmm the layer releases kv_b_proj's weight after this call.
+            from vllm.model_executor.layers.quantization.utils.quant_utils import (
+                get_and_maybe_dequant_weights)
+            self.w_kv = get_and_maybe_dequant_weights(self.kv_b_proj,
+                                                      out_dtype=act_dtype).contiguous()
         if self.uses_amx_bmm:
             from vllm.v1.attention.backends.mla.amx_mla import AMXMLAImpl
 
@@ -394,29 +405,62 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         prefill = attn_metadata.prefill
         num_tokens = q.shape[0]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        # Absorb W_UK: (N, T, P) x (N, P, L) -> (N, T, L), stored token-major.
-        mqa_q = _HOST_SCRATCH.take("prefill q", (num_tokens, self.num_heads, HEAD_SIZE),
-                                   q.dtype)
-        if getattr(layer, "is_amx_bmm_enabled", False):  # (N, T, P) x (N, L, P)^T -> (N, T, L)
-            torch.ops._C.bmm_cpu(mqa_q[..., :self.kv_lora_rank].transpose(0, 1),
-                                 q_nope.transpose(0, 1), self._w_uk_packed, True,
-                                 self._w_scale)
-        else:
-            torch.bmm(q_nope.transpose(0, 1), layer.W_UK_T,
-                      out=mqa_q[..., :self.kv_lora_rank].transpose(0, 1))
-        mqa_q[..., self.kv_lora_rank:] = q_pe
-        latent_out = _HOST_SCRATCH.take("prefill out", (num_tokens, self.num_heads, D_V),
-                                        q.dtype)
+        mqa_q = latent_out = None
         start = 0
-        for i, query_len in enumerate(prefill.query_lens):
+        for i, (query_len, seq_len) in enumerate(zip(prefill.query_lens,
+                                                     prefill.seq_lens.tolist())):
             end = start + query_len
+            rows = slice(start, end)
+            start = end
+            if self.w_kv is not None and mha_prefill.mha_pays(
+                    query_len, seq_len - query_len, kv_lora_rank=self.kv_lora_rank,
+                    rope_dim=self.qk_rope_head_dim, nope_dim=self.qk_nope_head_dim,
+                    v_dim=self.v_head_dim):
+                out = self._mha_prefill(q[rows], kv_c_normed[rows], k_pe[rows],
+                                        seq_len - query_len, kv_c_and_k_pe_cache,
+                                        prefill.block_table[i], k_scale)
+                output[rows].view(query_len, self.num_heads, self.v_head_dim).copy_(out)
+                continue
+            if mqa_q is None:
+                mqa_q = _HOST_SCRATCH.take("prefill q", (num_tokens, self.num_heads,
+                                                         HEAD_SIZE), q.dtype)
+                latent_out = _HOST_SCRATCH.take("prefill out", (num_tokens, self.num_heads,
+                                                                D_V), q.dtype)
+            # Absorb W_UK: (N, T, P) x (N, P, L) -> (N, T, L), stored token-major.
+            if getattr(layer, "is_amx_bmm_enabled", False):  # (N,T,P) x (N,L,P)^T -> (N,T,L)
+                torch.ops._C.bmm_cpu(mqa_q[rows, :, :self.kv_lora_rank].transpose(0, 1),
+                                     q_nope[rows].transpose(0, 1), self._w_uk_packed, True,
+                                     self._w_scale)
+            else:
+                torch.bmm(q_nope[rows].transpose(0, 1), layer.W_UK_T,
+                          out=mqa_q[rows, :, :self.kv_lora_rank].transpose(0, 1))
+            mqa_q[rows, :, self.kv_lora_rank:] = q_pe[rows]
             # The cache already holds these tokens (do_kv_cache_update ran first): one causal
             # bottom-right pass covers the cached prefix and the new tokens.
-            self._attend(mqa_q[start:end].unsqueeze(0), kv_c_and_k_pe_cache,
+            self._attend(mqa_q[rows].unsqueeze(0), kv_c_and_k_pe_cache,
                          prefill.block_table[i:i + 1], prefill.seq_lens[i:i + 1], causal=True,
-                         k_scale=k_scale, out=latent_out[start:end].unsqueeze(0))
-            start = end
-        layer._v_up_proj(latent_out, out=output)
+                         k_scale=k_scale, out=latent_out[rows].unsqueeze(0))
+            layer._v_up_proj(latent_out[rows], out=output[rows])
+
+    def _mha_prefill(self, q, kv_c, k_pe, context_len, cache, block_table_row, k_scale):
+        """One request through ``mha_prefill``: its context read from our paged cache (the
+        blocks it needs, dequantized exactly), its new tokens' latent rows as given."""
+        block_size = cache.shape[1]
+        head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        scale = k_scale if self.layout is KVLayout.FP8 else None
+
+        def read_context(k0: int, k1: int) -> torch.Tensor:
+            blocks = block_table_row[k0 // block_size:-(-k1 // block_size)].long()
+            rows = ops.read_kv(cache.index_select(0, blocks), self.layout, k_scale=scale,
+                               impl=self.kernel_impl)
+            return rows.reshape(-1, rows.shape[-1])[:k1 - k0]
+
+        new_latent = torch.cat([kv_c, k_pe.reshape(kv_c.shape[0], -1)], dim=-1)
+        return mha_prefill.mha_prefill(
+            q, new_latent, context_len, read_context, self.w_kv, nope_dim=self.qk_nope_head_dim,
+            v_dim=self.v_head_dim, scale=self.scale,
+            chunk=mha_prefill.chunk_tokens(self.num_heads, head_dim, q.element_size(),
+                                           block_size))
 
     def _layer(self):
         """The MLAAttention layer owning this impl (its W_UK_T / W_UV), found once.
