@@ -59,9 +59,28 @@ def test_matches_latent_formula(dtype, atol, context_len, query_len, chunk):
 
 def test_cost_rule():
     dims = dict(kv_lora_rank=RANK, rope_dim=ROPE, nope_dim=NOPE, v_dim=V)
-    assert mp.mha_pays(2048, 0, **dims)            # a long prompt
-    assert mp.mha_pays(1024, 8192, **dims)         # a long chunk after a long context
+    assert mp.mha_pays(2048, 0, **dims)            # a fresh prompt
+    assert mp.mha_pays(256, 0, **dims)
+    assert mp.mha_pays(4096, 1024, **dims)         # a long chunk after a shorter context
+    assert not mp.mha_pays(1024, 8192, **dims)     # decompressing the context costs more
     assert not mp.mha_pays(1, 4096, **dims)        # a decode-like row
     assert not mp.mha_pays(16, 32768, **dims)      # a short chunk: decompression dominates
     assert mp.chunk_tokens(128, 192, 2, 64) % 64 == 0
     assert mp.chunk_tokens(1 << 20, 192, 2, 64) == 64
+
+
+@pytest.mark.parametrize("value,expected", [(None, "auto"), ("", "auto"), ("MHA", "mha"),
+                                            ("latent", "latent")])
+def test_mode(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(mp.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(mp.ENV_VAR, value)
+    assert mp.mode() == expected
+
+
+def test_mode_rejects_unknown(monkeypatch):
+    monkeypatch.setenv(mp.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="VLLM_MLA_PREFILL='fast' is not valid: use one of "
+                                         "auto, latent, mha"):
+        mp.mode()

@@ -112,25 +112,34 @@ def test_fp8_caches_generate_close_to_fp32(kv_cache_dtype, tiny_dense, waves, hf
 
 @pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "auto"),
                                                   ("bfloat16", "fp8_ds_mla")])
-def test_long_prefill_chunks_match_hf(dtype, kv_cache_dtype, tiny_dense, dense_vocab, hf_dense):
-    """Prefill chunks of up to 512 tokens: on CPU those of a few hundred tokens or more go
-    through MHA over keys decompressed by kv_b_proj (``mha_prefill.mha_pays``; seen here: the
-    first 512-token chunk of wave 1, wave 2's 389 new tokens after 512 prefix-cached ones, whose
-    context is read back from the cache, and its unrelated 451-token prompt), shorter ones
-    through latent attention.  Bounds as the short-chunk tests'."""
+def test_mha_prefill_matches_hf(dtype, kv_cache_dtype, tiny_dense, dense_vocab, hf_dense):
+    """Every prefill request through MHA over keys decompressed by kv_b_proj
+    (``VLLM_MLA_PREFILL=mha``; ``auto`` takes it for long fresh prompts), chunks of up to 512
+    tokens: wave 1's second chunk (189 tokens after 512) and wave 2's 389 new tokens after 512
+    prefix-cached ones read their context back from the paged cache.  Bounds as the
+    latent-prefill tests'."""
     waves = long_prefill_waves(dense_vocab)
-    result = _run(tiny_dense, waves, "1", dtype, kv_cache_dtype=kv_cache_dtype,
-                  max_num_batched_tokens=LONG_CHUNK_TOKENS)
+    result = run_engine(tiny_dense, backend="1", waves=waves, env={"VLLM_MLA_PREFILL": "mha"},
+                        llm=engine_kwargs(dtype, enforce_eager=True, kv_cache_dtype=kv_cache_dtype,
+                                          max_num_batched_tokens=LONG_CHUNK_TOKENS))
     assert served_by_us(result), result["backends"]
     assert result["waves"][1]["outputs"][0]["num_cached_tokens"] >= 256
     cmp = compare_to_hf(hf_dense, flat_requests(waves, result))
-    print(f"\n{dtype}, {kv_cache_dtype} cache, 512-token chunks, ours vs HF: {cmp.summary()}")
+    print(f"\n{dtype}, {kv_cache_dtype} cache, MHA prefill, ours vs HF: {cmp.summary()}")
     if dtype == "float32":
         assert cmp.max_abs <= FP32_BOUND, cmp.summary()
         assert not cmp.argmax_mismatches, cmp.argmax_mismatches
     else:
         bound = FP8_BOUNDS[kv_cache_dtype]
         assert cmp.max_abs <= bound["max"] and cmp.mean_abs <= bound["mean"], cmp.summary()
+
+
+def test_invalid_prefill_mode_fails_at_startup(tiny_dense):
+    with pytest.raises(EngineFailed) as failure:
+        run_engine(tiny_dense, backend="1", env={"VLLM_MLA_PREFILL": "fast"},
+                   llm=engine_kwargs("bfloat16", enforce_eager=True), waves=[])
+    assert "VLLM_MLA_PREFILL='fast' is not valid: use one of auto, latent, mha" in \
+        failure.value.log
 
 
 def test_invalid_env_value_fails_at_startup(tiny_dense):

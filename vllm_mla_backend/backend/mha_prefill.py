@@ -3,18 +3,20 @@
 The latent-space prefill (``ops.mla_decode`` with the absorbed query, what decode runs) costs
 d_qk + d_v = 576 + 512 multiply-adds per (query, key, head).  Decompressing the keys with
 ``kv_b_proj`` first (what vLLM does on GPUs) costs (nope + v) * kv_lora_rank = 256 * 512 per
-(key, head) once, and then qk_head_dim + v (192 + 128) per (query, key, head): for a request
-with more than about 200 new tokens the decompression pays for itself, and a long prompt's
-attention needs a third of the latent path's arithmetic.  ``mha_pays`` decides per request,
-with the rates measured here (2 cores, AMX: our latent kernel 0.7-0.86 TFLOPS, torch's CPU
-flash attention 0.5-0.7, the bf16 GEMM about 1).
+(key, head) once (the latent path pays as much per query, absorbing W_UK / W_UV), and then
+qk_head_dim + v (192 + 128) per (query, key, head).  The attention then needs a third of the
+latent path's arithmetic, but torch's CPU flash attention runs it at about half our latent
+kernel's rate: a fresh prompt of a few hundred tokens or more gains (1.3-2.2x here), a short
+chunk after a long cached context loses (decompressing the context costs more than it saves).
+``mha_pays`` decides per request with the measured rates (``VLLM_MLA_PREFILL=latent`` / ``mha``
+forces one path).
 
 ``mha_prefill`` runs one request: its keys (the cached context, read from the paged cache, then
 the new tokens) in chunks of at most ``chunk_tokens``, each decompressed once and attended by
 every query row that sees it (context and earlier chunks: in full; the chunk's own rows:
 causal), partial results merged by LSE in float32.  Memory stays bounded by the chunk, whatever
-the context length.  torch's CPU flash attention wants one head size for K and V, so V is
-padded with zeros to qk_head_dim (the extra columns are dropped).
+the context length.  torch's CPU flash attention wants one head size for K and V: V is taken
+as qk_head_dim columns of the decompressed buffer that end with v (the rest dropped).
 """
 
 from __future__ import annotations
@@ -23,21 +25,39 @@ from typing import Callable
 
 import torch
 
-# Relative rates (TFLOPS on this host: see the module docstring): a request goes through MHA
-# when its estimated time there is lower.
-LATENT_RATE, FLASH_RATE, GEMM_RATE = 0.8, 0.6, 1.0
+# Relative rates, calibrated with benchmarks/bench_prefill_cpu.py on this host (2 cores, AMX;
+# RESULTS.md): our latent kernel, torch's CPU flash attention (a third of the latent path's
+# arithmetic, at about half its rate), the bf16 GEMMs (absorption, decompression).
+LATENT_RATE, FLASH_RATE, GEMM_RATE = 0.8, 0.3, 0.6
 CHUNK_BYTES = 64 << 20          # decompressed K (and padded V) of one chunk, per tensor
+ENV_VAR = "VLLM_MLA_PREFILL"
+MODES = ("auto", "latent", "mha")
+
+
+def mode() -> str:
+    """``VLLM_MLA_PREFILL``: ``auto`` (default: ``mha_pays`` per request), ``latent`` or ``mha``
+    (every request that way); anything else is a ValueError."""
+    import os
+
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not valid: use one of "
+                         f"{', '.join(MODES)}")
+    return value
 
 
 def mha_pays(query_len: int, context_len: int, *, kv_lora_rank: int, rope_dim: int,
              nope_dim: int, v_dim: int) -> bool:
     """Whether a prefill request of ``query_len`` new tokens after ``context_len`` cached ones
-    is cheaper as MHA over decompressed keys than as latent-space attention (per head)."""
+    is cheaper as MHA over decompressed keys than as latent-space attention (per head): the
+    latent path absorbs W_UK / W_UV around the attention for every query, MHA decompresses
+    every key, context included."""
     keys = context_len + query_len
     pairs = query_len * context_len + query_len * (query_len + 1) // 2
-    latent = pairs * (kv_lora_rank + rope_dim + kv_lora_rank) / LATENT_RATE
-    qk = nope_dim + rope_dim
-    mha = pairs * 2 * qk / FLASH_RATE + keys * kv_lora_rank * (nope_dim + v_dim) / GEMM_RATE
+    projection = kv_lora_rank * (nope_dim + v_dim) / GEMM_RATE        # per token
+    latent = pairs * (kv_lora_rank + rope_dim + kv_lora_rank) / LATENT_RATE + \
+        query_len * projection
+    mha = pairs * 2 * (nope_dim + rope_dim) / FLASH_RATE + keys * projection
     return mha < latent
 
 
@@ -51,7 +71,7 @@ def chunk_tokens(num_heads: int, qk_dim: int, itemsize: int, multiple: int) -> i
 def _merge(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
            lse: torch.Tensor) -> None:
     """Merge a partial result (``out [h, n, v]``, ``lse [h, n]``) into the running one in place
-    (float32; a running lse of -inf is an empty state)."""
+    (float32)."""
     m = torch.maximum(acc_lse, lse)
     w_acc, w_new = torch.exp(acc_lse - m), torch.exp(lse - m)
     total = w_acc + w_new
@@ -72,24 +92,42 @@ def mha_prefill(q: torch.Tensor, new_latent: torch.Tensor, context_len: int,
     """
     L, h, qk = q.shape
     rank = w_kv.shape[1]
+    rope = qk - nope_dim
     qh = q.transpose(0, 1).unsqueeze(0)                       # [1, h, L, qk]
-    acc_out = torch.zeros(h, L, v_dim, dtype=torch.float32)
-    acc_lse = torch.full((h, L), float("-inf"), dtype=torch.float32)
+    # Row blocks that saw nothing yet take a partial result as it comes (no merge); a request
+    # whose keys fit one chunk never leaves q's dtype.
+    acc_out = torch.empty(h, L, v_dim, dtype=torch.float32)
+    acc_lse = torch.empty(h, L, dtype=torch.float32)
+    started = 0                                               # rows [0, started) hold a state
+    single = context_len == 0 and L <= chunk
+    result = None
 
     def decompress(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K [1, h, n, qk] and V [1, h, n, qk] as views of one token-major buffer whose heads
+        hold [k_nope | k_pe | v]: V is its last qk columns, [k_pe | v], whose k_pe part the
+        output drops (torch's CPU flash attention takes one head size for K and V)."""
         n = latent.shape[0]
         kv = torch.matmul(latent[:, :rank].to(q.dtype), w_kv.t()).view(n, h, nope_dim + v_dim)
-        k = torch.empty(1, h, n, qk, dtype=q.dtype)
-        k[0, :, :, :nope_dim] = kv[..., :nope_dim].transpose(0, 1)
-        k[0, :, :, nope_dim:] = latent[:, rank:].to(q.dtype)
-        v = torch.zeros(1, h, n, qk, dtype=q.dtype)
-        v[0, :, :, :v_dim] = kv[..., nope_dim:].transpose(0, 1)
-        return k, v
+        buf = torch.empty(n, h, nope_dim + rope + v_dim, dtype=q.dtype)
+        buf[..., :nope_dim] = kv[..., :nope_dim]
+        buf[..., nope_dim:qk] = latent[:, None, rank:].to(q.dtype)
+        buf[..., qk:] = kv[..., nope_dim:]
+        heads_first = buf.transpose(0, 1).unsqueeze(0)
+        return heads_first[..., :qk], heads_first[..., nope_dim + rope + v_dim - qk:]
 
     def attend(k: torch.Tensor, v: torch.Tensor, rows: slice, causal: bool) -> None:
+        nonlocal started, result
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh[:, :, rows], k, v, 0.0, causal, scale=scale)
-        _merge(acc_out[:, rows], acc_lse[:, rows], out[0, :, :, :v_dim], lse[0])
+        out = out[0, :, :, qk - v_dim:]                       # [h, n, v]
+        if single:
+            result = out
+        elif rows.start >= started:                           # fresh rows: take as is
+            acc_out[:, rows] = out
+            acc_lse[:, rows] = lse[0]
+            started = rows.stop
+        else:
+            _merge(acc_out[:, rows], acc_lse[:, rows], out, lse[0])
 
     for k0 in range(0, context_len, chunk):                   # every row sees the context
         attend(*decompress(read_context(k0, min(k0 + chunk, context_len))), slice(0, L), False)
@@ -99,4 +137,6 @@ def mha_prefill(q: torch.Tensor, new_latent: torch.Tensor, context_len: int,
         attend(k, v, slice(a, b), True)                       # their own rows: causal square
         if b < L:
             attend(k, v, slice(b, L), False)                  # later rows see all of them
+    if single:
+        return result.transpose(0, 1)
     return acc_out.transpose(0, 1).to(q.dtype)

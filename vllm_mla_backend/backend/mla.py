@@ -302,9 +302,10 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         self.checked_caches = CheckedCaches()
         self.ops_impl = self.kernel_impl or ("cuda" if current_platform.is_cuda() else "cpu")
         self.w_kv = None      # kv_b_proj's weight for the MHA prefill (CPU, after loading)
+        self.prefill_mode = mha_prefill.mode() if self.latent_prefill else None
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        if self.latent_prefill and self.qk_nope_head_dim > 0:
+        if self.latent_prefill and self.prefill_mode != "latent" and self.qk_nope_head_dim > 0:
             # Our own copy ([heads * (nope + v), kv_lora_rank], the model's dtype): with the
             # AMX bmm the layer releases kv_b_proj's weight after this call.
             from vllm.model_executor.layers.quantization.utils.quant_utils import (
@@ -412,10 +413,10 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
             end = start + query_len
             rows = slice(start, end)
             start = end
-            if self.w_kv is not None and mha_prefill.mha_pays(
+            if self.w_kv is not None and (self.prefill_mode == "mha" or mha_prefill.mha_pays(
                     query_len, seq_len - query_len, kv_lora_rank=self.kv_lora_rank,
                     rope_dim=self.qk_rope_head_dim, nope_dim=self.qk_nope_head_dim,
-                    v_dim=self.v_head_dim):
+                    v_dim=self.v_head_dim)):
                 out = self._mha_prefill(q[rows], kv_c_normed[rows], k_pe[rows],
                                         seq_len - query_len, kv_c_and_k_pe_cache,
                                         prefill.block_table[i], k_scale)
