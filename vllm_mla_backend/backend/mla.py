@@ -305,9 +305,11 @@ class MLAImpl(MLACommonImpl[MLACommonMetadata]):
         self.prefill_mode = mha_prefill.mode() if self.latent_prefill else None
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        if self.latent_prefill and self.prefill_mode != "latent" and self.qk_nope_head_dim > 0:
-            # Our own copy ([heads * (nope + v), kv_lora_rank], the model's dtype): with the
-            # AMX bmm the layer releases kv_b_proj's weight after this call.
+        if (self.latent_prefill and self.prefill_mode != "latent" and self.qk_nope_head_dim > 0
+                and self.v_head_dim <= self.qk_nope_head_dim + self.qk_rope_head_dim):
+            # Our own copy ([heads * (nope + v), kv_lora_rank], the model's dtype: 32 MiB a layer
+            # at 128 heads in bf16): with the AMX bmm the layer releases kv_b_proj's weight after
+            # this call.  (V wider than q.k cannot share the flash kernel's head size: latent.)
             from vllm.model_executor.layers.quantization.utils.quant_utils import (
                 get_and_maybe_dequant_weights)
             self.w_kv = get_and_maybe_dequant_weights(self.kv_b_proj,
