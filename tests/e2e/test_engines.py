@@ -110,7 +110,7 @@ def test_fp8_caches_generate_close_to_fp32(kv_cache_dtype, tiny_dense, waves, hf
     assert cmp.max_abs <= bound["max"] and cmp.mean_abs <= bound["mean"], cmp.summary()
 
 
-@pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "auto"),
+@pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "auto"), ("bfloat16", "fp8"),
                                                   ("bfloat16", "fp8_ds_mla")])
 def test_mha_prefill_matches_hf(dtype, kv_cache_dtype, tiny_dense, dense_vocab, hf_dense):
     """Every prefill request through MHA over keys decompressed by kv_b_proj
