@@ -29,7 +29,7 @@ import torch
 # RESULTS.md): our latent kernel, torch's CPU flash attention (a third of the latent path's
 # arithmetic, at about half its rate), the bf16 GEMMs (absorption, decompression).
 LATENT_RATE, FLASH_RATE, GEMM_RATE = 0.8, 0.3, 0.6
-CHUNK_BYTES = 64 << 20          # decompressed K (and padded V) of one chunk, per tensor
+CHUNK_BYTES = 64 << 20          # decompressed K of one chunk (its buffer with V: 320 / 192 of it)
 ENV_VAR = "VLLM_MLA_PREFILL"
 MODES = ("auto", "latent", "mha")
 
@@ -94,13 +94,6 @@ def mha_prefill(q: torch.Tensor, new_latent: torch.Tensor, context_len: int,
     rank = w_kv.shape[1]
     rope = qk - nope_dim
     qh = q.transpose(0, 1).unsqueeze(0)                       # [1, h, L, qk]
-    # Row blocks that saw nothing yet take a partial result as it comes (no merge); a request
-    # whose keys fit one chunk never leaves q's dtype.
-    acc_out = torch.empty(h, L, v_dim, dtype=torch.float32)
-    acc_lse = torch.empty(h, L, dtype=torch.float32)
-    started = 0                                               # rows [0, started) hold a state
-    single = context_len == 0 and L <= chunk
-    result = None
 
     def decompress(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K [1, h, n, qk] and V [1, h, n, qk] as views of one token-major buffer whose heads
@@ -115,19 +108,27 @@ def mha_prefill(q: torch.Tensor, new_latent: torch.Tensor, context_len: int,
         heads_first = buf.transpose(0, 1).unsqueeze(0)
         return heads_first[..., :qk], heads_first[..., nope_dim + rope + v_dim - qk:]
 
-    def attend(k: torch.Tensor, v: torch.Tensor, rows: slice, causal: bool) -> None:
-        nonlocal started, result
+    def flash(k: torch.Tensor, v: torch.Tensor, rows: slice, causal: bool):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh[:, :, rows], k, v, 0.0, causal, scale=scale)
-        out = out[0, :, :, qk - v_dim:]                       # [h, n, v]
-        if single:
-            result = out
-        elif rows.start >= started:                           # fresh rows: take as is
+        return out[0, :, :, qk - v_dim:], lse[0]              # [h, n, v], [h, n]
+
+    if context_len == 0 and L <= chunk:       # one causal pass, no merge: stays in q's dtype
+        return flash(*decompress(new_latent), slice(0, L), True)[0].transpose(0, 1)
+
+    acc_out = torch.empty(h, L, v_dim, dtype=torch.float32)
+    acc_lse = torch.empty(h, L, dtype=torch.float32)
+    started = 0                               # rows [0, started) hold a partial state
+
+    def attend(k: torch.Tensor, v: torch.Tensor, rows: slice, causal: bool) -> None:
+        nonlocal started
+        out, lse = flash(k, v, rows, causal)
+        if rows.start >= started:                             # fresh rows: take as is
             acc_out[:, rows] = out
-            acc_lse[:, rows] = lse[0]
+            acc_lse[:, rows] = lse
             started = rows.stop
         else:
-            _merge(acc_out[:, rows], acc_lse[:, rows], out, lse[0])
+            _merge(acc_out[:, rows], acc_lse[:, rows], out, lse)
 
     for k0 in range(0, context_len, chunk):                   # every row sees the context
         attend(*decompress(read_context(k0, min(k0 + chunk, context_len))), slice(0, L), False)
@@ -137,6 +138,4 @@ def mha_prefill(q: torch.Tensor, new_latent: torch.Tensor, context_len: int,
         attend(k, v, slice(a, b), True)                       # their own rows: causal square
         if b < L:
             attend(k, v, slice(b, L), False)                  # later rows see all of them
-    if single:
-        return result.transpose(0, 1)
     return acc_out.transpose(0, 1).to(q.dtype)
