@@ -11,8 +11,9 @@ The checkpoint is written in DeepSeek's own V4 tensor naming (``layers.{i}.attn.
 ``layers.{i}.ffn.experts.{e}.w1.weight``, ``hc_head_fn``, ...), which vLLM maps to its modules,
 with unquantized (``expert_dtype: bf16``) float32 weights and the byte-level BPE tokenizer of
 ``tiny_model``.  Weights are drawn per tensor from a generator seeded by (seed, name); projections
-are scaled by fan-in, the KV norm gain makes attention peaked and the head gain gives a clear
-argmax, so greedy decoding does not flip on rounding noise.
+are scaled by fan-in, the KV norm gain makes attention peaked and the head gain widens the logits'
+spread.  Near-ties still occur (two logits one bf16 step apart), so a comparison of two bf16
+engines' greedy runs must allow a parting there (``tests/e2e/test_v4_e2e.py``).
 
     python -m vllm_mla_backend.tiny_v4 --out DIR [--seed S]
 """

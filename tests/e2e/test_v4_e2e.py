@@ -79,12 +79,30 @@ def _run(model: Path, mode: str, waves: list[list[list[int]]],
 
 def _assert_same_greedy_run(theirs: dict, tokens: list[list[int]], logprobs: list[list[float]],
                             atol: float = LOGPROB_ATOL) -> None:
+    """Ours follows the oracle's greedy run: the same tokens, each logprob within ``atol``.
+
+    Two engines in bf16 may part at a near-tie: on the tiny V4 model two logits can sit one bf16
+    step apart (0.0625; prompt 1 of ``_prompts`` at its third token, in both engines), and
+    which one wins moves with the batch's GEMM blocking.  A parting is accepted only there: our
+    token in the oracle's top logprobs, within ``atol`` of its pick, our logprob of it within
+    ``atol`` of the oracle's; that prompt is compared no further (the contexts differ from
+    then on).  At least half the steps must be compared, so a run of ties cannot pass empty."""
+    compared = total = 0
     for i, (a, b) in enumerate(zip(theirs["tokens"], tokens, strict=True)):
-        assert a == b, f"prompt {i}: vLLM {a} vs ours {b}"
-        assert len(a) == MAX_TOKENS
-    diffs = [abs(x - y) for p, q in zip(theirs["logprobs"], logprobs, strict=True)
-             for x, y in zip(p, q, strict=True)]
-    assert max(diffs) <= atol, f"logprob difference {max(diffs)}"
+        assert len(a) == len(b) == MAX_TOKENS
+        total += MAX_TOKENS
+        for step, (x, y) in enumerate(zip(a, b)):
+            ref, ours = theirs["logprobs"][i][step], logprobs[i][step]
+            if x != y:
+                alt = theirs["top"][i][step].get(str(y))
+                assert alt is not None and ref - alt <= atol and abs(alt - ours) <= atol, (
+                    f"prompt {i} step {step}: vLLM {a} vs ours {b}; no near-tie there "
+                    f"(vLLM's logprob of our token {alt}, of its own {ref}; ours {ours})")
+                break
+            assert abs(ref - ours) <= atol, (
+                f"prompt {i} step {step}: logprob vLLM {ref} vs ours {ours} (token {x})")
+            compared += 1
+    assert 2 * compared >= total, f"only {compared} of {total} steps compared"
 
 
 def test_v4_greedy_matches_vllm_cpu_path(tiny_v4, prompts, vllm_own):

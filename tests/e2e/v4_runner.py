@@ -29,6 +29,8 @@ import json
 import os
 import sys
 
+TOP_LOGPROBS = 5    # per step: what a cross-engine comparison needs to judge a near-tie
+
 
 def _check_indexer_against_vllm(stats: dict) -> None:
     """Each step of our indexer op, then vLLM's ``SparseAttnIndexer.forward_cpu`` on the same
@@ -98,7 +100,7 @@ def main(model: str, mode: str, waves: list[list[list[int]]], max_tokens: int,
                  "enforce_eager": True, "distributed_executor_backend": "uni", "seed": 0,
                  **llm_overrides})
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
-                            logprobs=1, ignore_eos=True)
+                            logprobs=TOP_LOGPROBS, ignore_eos=True)
     outs = [o for wave in waves
             for o in llm.generate([{"prompt_token_ids": p} for p in wave], params,
                                   use_tqdm=False)]
@@ -106,8 +108,11 @@ def main(model: str, mode: str, waves: list[list[list[int]]], max_tokens: int,
                             llm.llm_engine.model_executor.driver_worker.worker.model_runner
                             .model.modules() if type(m).__name__.endswith("Attention")})
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
-            "logprobs": [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]
+            "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids,
+                                                         o.outputs[0].logprobs)]
                          for o in outs],
+            "top": [[{str(t): x.logprob for t, x in lp.items()} for lp in o.outputs[0].logprobs]
+                    for o in outs],
             "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
             "calls": counts, "layer_classes": layer_classes, "indexer_check": check}
 
