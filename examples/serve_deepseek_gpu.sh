@@ -5,8 +5,8 @@
 #   MODEL=deepseek-ai/DeepSeek-V2-Lite-Chat bash examples/serve_deepseek_gpu.sh   # 1 GPU, 16B
 #   MODEL=deepseek-ai/DeepSeek-V3 TP=8 KV_DTYPE=fp8 bash examples/serve_deepseek_gpu.sh
 #
-# VLLM_MLA_BACKEND=1 (the default of `vllm-mla serve`) puts our backend in the dense-MLA slots
-# vLLM's CUDA selector picks; VLLM_MLA_BACKEND=0 serves the same model with vLLM's own backend
+# VLLM_MLA_BACKEND=1 (the default of `vllm-mla serve`) selects our backend for every MLA layer it
+# validates (vLLM's own where it does not, with a log line); VLLM_MLA_BACKEND=0 serves the same model with vLLM's own backend
 # (for comparison). KV_DTYPE: auto (bf16 cache), fp8 (per-tensor e4m3), fp8_ds_mla (DeepSeek
 # V3.2's 656-byte token layout). Then query it with any OpenAI client (see the curl call below).
 set -euo pipefail

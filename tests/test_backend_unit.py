@@ -88,15 +88,33 @@ def test_register_modes(fresh_registration, monkeypatch):
     assert not _overridden_by_us("CPU_MLA") and _overridden_by_us("CUSTOM")
 
 
-def test_register_on_cuda_takes_the_dense_slots_and_v32(fresh_registration, monkeypatch):
+def test_register_on_cuda_selects_ours_where_it_validates_the_layer(fresh_registration,
+                                                                    monkeypatch, caplog):
+    """CUDA: no slot of vLLM's priority lists is taken; the selection is wrapped instead, and
+    each MLA layer gets our dense or sparse backend when ours validates it (as vLLM's selector
+    validates its own), vLLM's choice otherwise (with the reason logged)."""
     import vllm.platforms
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from vllm_mla_backend.backend import cuda_selection
+    from vllm_mla_backend.backend.sparse_v32 import BACKEND_PATH as SPARSE_PATH
 
     class FakeCuda:
         device_type = device_name = "cuda"
+        capability = DeviceCapability(9, 0)
 
         @classmethod
         def check_and_update_config(cls, vllm_config):
             pass
+
+        @classmethod
+        def get_device_capability(cls):
+            return cls.capability
+
+        @classmethod
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            return "vllm.own.Backend"
 
         def is_cpu(self):
             return False
@@ -107,19 +125,39 @@ def test_register_on_cuda_takes_the_dense_slots_and_v32(fresh_registration, monk
     vllm.platforms.current_platform  # resolve the real one first, restored by monkeypatch
     monkeypatch.setattr(vllm.platforms, "_current_platform", FakeCuda())
     monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
+    monkeypatch.setattr(cuda_selection, "_reported", set())
     monkeypatch.setenv(registration.ENV_VAR, "1")
     registration.register()
-    for name in registration.CUDA_DENSE_MLA_SLOTS:
-        if name in AttentionBackendEnum.__members__:
-            assert _overridden_by_us(name)
-    assert AttentionBackendEnum["FLASHMLA_SPARSE"].get_path() == \
-        registration.CUDA_SPARSE_SLOTS["FLASHMLA_SPARSE"]
-    assert not _overridden_by_us("CPU_MLA")
+    for name in ("TRITON_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHMLA_SPARSE", "CPU_MLA"):
+        assert not AttentionBackendEnum[name].is_overridden(), name
     assert getattr(FakeCuda.check_and_update_config, config_fixups._MARK)
+
+    def select(selected=None, **fields):
+        config = dict(head_size=576, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=64,
+                      use_mla=True)
+        return FakeCuda.get_attn_backend_cls(selected, AttentionSelectorConfig(**{**config,
+                                                                                 **fields}), 16)
+
+    with caplog.at_level(logging.WARNING, logger="vllm.plugins.vllm_mla_backend"):
+        assert select() == registration.BACKEND_PATH
+        assert select(kv_cache_dtype="fp8") == registration.BACKEND_PATH
+        assert select(use_sparse=True, kv_cache_dtype="fp8_ds_mla") == SPARSE_PATH
+        assert select(head_size=512) == "vllm.own.Backend"        # not the 576 geometry
+        assert "head_size" in caplog.text and "dense" in caplog.text
+        assert select(head_size=512, use_sparse=True) == "vllm.own.Backend"
+        assert select(dtype=torch.float32) == "vllm.own.Backend"   # a CPU-only feature
+        assert select(use_pcp=True) == "vllm.own.Backend"
+        assert "PCP not supported" in caplog.text
+        assert select(use_mla=False) == "vllm.own.Backend"
+        assert select(AttentionBackendEnum.FLASHMLA) == "vllm.own.Backend"  # the user's choice
+        assert "--attention-backend FLASHMLA" in caplog.text
+        FakeCuda.capability = DeviceCapability(7, 5)
+        assert select() == "vllm.own.Backend"
+        FakeCuda.capability = DeviceCapability(12, 0)
+        assert select() == registration.BACKEND_PATH
     monkeypatch.setenv(registration.ENV_VAR, "off")
     registration.register()
-    assert not _overridden_by_us("TRITON_MLA")
-    assert not AttentionBackendEnum["FLASHMLA_SPARSE"].is_overridden()
+    assert select() == "vllm.own.Backend"
 
 
 def test_register_rejects_bad_value(fresh_registration, monkeypatch):

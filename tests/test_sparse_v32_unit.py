@@ -146,9 +146,7 @@ def test_metadata_builder_on_installed_vllm(v32_vllm_config):
     assert meta.prefill is None or meta.prefill.prefill_backend is None
 
 
-def test_backend_class_and_slot():
-    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum
-
+def test_backend_class():
     assert s.MLASparseBackend.get_name() == "FLASHMLA_SPARSE"
     assert s.MLASparseBackend.get_impl_cls() is s.MLASparseImpl
     assert s.MLASparseBackend.get_builder_cls() is s.MLASparseMetadataBuilder
@@ -160,14 +158,31 @@ def test_backend_class_and_slot():
     assert check(576, kv_cache_dtype="fp8_ds_mla", **combo) is None
     assert "nvfp4" in check(576, kv_cache_dtype="nvfp4_ds_mla", **combo)
     assert "576" in check(512, kv_cache_dtype="auto", **combo)
-    saved = dict(_ATTN_OVERRIDES)
-    try:
-        s.install()
-        assert AttentionBackendEnum.FLASHMLA_SPARSE.get_path() == s.BACKEND_PATH
-        assert AttentionBackendEnum.FLASHMLA_SPARSE.get_class() is s.MLASparseBackend
-    finally:
-        _ATTN_OVERRIDES.clear()
-        _ATTN_OVERRIDES.update(saved)
+
+
+def test_cache_spec_alignment():
+    """A 16-bit cache keeps vLLM's whole-row block stride (its flat-row view asserts it); the
+    fp8 caches are left as the spec has them (our kernels take any stride)."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec, get_kv_quant_mode
+
+    bf16 = MLAAttentionSpec(block_size=64, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    assert s.MLASparseBackend.customize_spec(bf16).block_stride_alignment == 576 * 2
+    fp8 = MLAAttentionSpec(block_size=64, num_kv_heads=1, head_size=576, dtype=torch.uint8,
+                           cache_dtype_str="fp8_ds_mla",
+                           kv_quant_mode=get_kv_quant_mode("fp8_ds_mla"))
+    assert s.MLASparseBackend.customize_spec(fp8) is fp8
+
+
+@pytest.mark.parametrize("mode", ["1", "reference"])
+def test_cuda_graph_support_is_declined_by_the_reference_mode(monkeypatch, mode):
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_mla_backend.backend.mla import MLAMetadataBuilder
+    monkeypatch.setenv("VLLM_MLA_BACKEND", mode)
+    for builder in (s.MLASparseMetadataBuilder, MLAMetadataBuilder):
+        support = builder.get_cudagraph_support(None, None)
+        assert support == (AttentionCGSupport.NEVER if mode == "reference"
+                           else AttentionCGSupport.UNIFORM_BATCH), builder
 
 
 def test_cache_layout_names():

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -202,6 +204,7 @@ def test_flashmla_prefill_adapter(monkeypatch):
 def test_install_patches_per_build_and_rejects_other_versions(monkeypatch):
     import vllm.models.deepseek_v4.cpu.model as cpu_model
     import vllm.models.deepseek_v4.nvidia.flashmla as cuda_v4
+    import vllm.models.deepseek_v4.nvidia.model as cuda_model
 
     from vllm_mla_backend.backend import registration
 
@@ -217,21 +220,41 @@ def test_install_patches_per_build_and_rejects_other_versions(monkeypatch):
         v4.uninstall()
     assert cpu_model.DeepseekV4CPUAttention is cpu_original
 
+    select_original = cuda_model._select_dsv4_attn_cls
     monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
     try:
         v4.install()
         assert cuda_v4.flash_mla_with_kvcache is v4.flashmla_sparse_decode
         assert cuda_v4.flash_mla_sparse_fwd is v4.flashmla_sparse_prefill
+        assert cuda_model._select_dsv4_attn_cls.__wrapped__ is select_original
         assert cpu_model.DeepseekV4CPUAttention is cpu_original
     finally:
         v4.uninstall()
     assert (cuda_v4.flash_mla_with_kvcache, cuda_v4.flash_mla_sparse_fwd) == cuda_originals
+    assert cuda_model._select_dsv4_attn_cls is select_original
 
     for version, flavour in (("0.31.2", "cpu"), ("0.34.0", "cuda")):
         monkeypatch.setattr(registration, "installed_vllm", lambda: (version, flavour))
         with pytest.raises(RuntimeError, match=version.replace(".", r"\.")):
             v4.install()
     assert cpu_model.DeepseekV4CPUAttention is cpu_original
+
+
+def test_cuda_v4_selection_warns_when_our_kernels_are_not_in_the_chosen_class(caplog):
+    """SM12x's default or an explicit FlashInfer V4 backend picks a class without our adapters:
+    vLLM's choice stands, and the log says our kernels are not serving V4."""
+    flashmla_cls = type("DeepseekV4FlashMLAAttention", (), {})
+    flashinfer_cls = type("DeepseekV4FlashInferSM120Attention", (), {})
+    choice = {"cls": flashmla_cls}
+    select = v4.reporting_selection(lambda vllm_config: choice["cls"])
+    v4._warned_classes.discard(flashinfer_cls.__name__)
+    with caplog.at_level(logging.WARNING, logger="vllm.plugins.vllm_mla_backend"):
+        assert select(None) is flashmla_cls
+        assert not caplog.records
+        choice["cls"] = flashinfer_cls
+        assert select(None) is flashinfer_cls and select(None) is flashinfer_cls
+    assert len(caplog.records) == 1, "one warning per class"
+    assert "DeepseekV4FlashInferSM120Attention" in caplog.text and "not our kernels" in caplog.text
 
 
 def test_register_hook_installs_lazily():

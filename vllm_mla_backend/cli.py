@@ -303,11 +303,11 @@ def _doctor_selection(row) -> bool:
         row("selected backend", f"vLLM's own ({vllm_own}); ours only as --attention-backend "
                                 "CUSTOM")
         return True
-    slots = registration.CPU_MLA_SLOTS if flavour == "cpu" else registration.CUDA_DENSE_MLA_SLOTS
+    where = (f"in slots {', '.join(registration.CPU_MLA_SLOTS)}" if flavour == "cpu" else
+             "for every MLA layer it validates (head size 576, sm_80+), vLLM's choice otherwise")
     ops_impl = "torch reference ops" if mode == "reference" else "native kernels"
-    row("selected backend", f"ours ({registration.BACKEND_PATH}, {ops_impl}) in slots "
-                            f"{', '.join(slots)}" + (" -- would refuse to start: untested vLLM"
-                                                     if problem else ""))
+    row("selected backend", f"ours ({registration.BACKEND_PATH}, {ops_impl}) {where}"
+                            + (" -- would refuse to start: untested vLLM" if problem else ""))
     return problem is None
 
 

@@ -51,6 +51,10 @@ SUPPORTED = {"cpu": (0, 32), "cuda": (0, 33)}   # installed flavour -> vLLM (maj
 _CPU_MODULE, _CPU_NAME = "vllm.models.deepseek_v4.cpu.model", "DeepseekV4CPUAttention"
 _CUDA_MODULE = "vllm.models.deepseek_v4.nvidia.flashmla"
 _CUDA_NAMES = ("flash_mla_with_kvcache", "flash_mla_sparse_fwd")
+# The V4 decoder layer's choice of attention class: the FlashMLA one (ours inside) everywhere
+# but SM12x and an explicit FlashInfer V4 backend.
+_CUDA_MODEL_MODULE, _CUDA_SELECT = "vllm.models.deepseek_v4.nvidia.model", "_select_dsv4_attn_cls"
+_CUDA_OURS = "DeepseekV4FlashMLAAttention"
 
 _saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
 _registry_saved: dict[str, object] = {}        # architecture -> vLLM's ModelRegistry entry
@@ -110,15 +114,38 @@ def install() -> None:
     else:
         for name in _CUDA_NAMES:
             _lookup(_CUDA_MODULE, name, version)
+        select = _lookup(_CUDA_MODEL_MODULE, _CUDA_SELECT, version)
         _replace(_CUDA_MODULE, "flash_mla_with_kvcache", flashmla_sparse_decode)
         _replace(_CUDA_MODULE, "flash_mla_sparse_fwd", flashmla_sparse_prefill)
+        _replace(_CUDA_MODEL_MODULE, _CUDA_SELECT, reporting_selection(select))
     from .mla import kernel_description
     logger.info("vllm-mla-backend active for DeepSeek V4 sparse MLA: kernels %s, layout %s "
                 "(%d B/token), %s (replaced: %s)", kernel_description(flavour), LAYOUT.name,
                 LAYOUT.bytes_per_token,
                 "window cache written by ours, compressed caches by vLLM's compressor, C4 "
-                "indexer ours" if flavour == "cpu" else "cache writes by vLLM's fused kernels",
+                "indexer ours" if flavour == "cpu" else
+                f"cache writes by vLLM's fused kernels, layers of class {_CUDA_OURS}",
                 ", ".join(f"{m}.{n}" for m, n in _saved))
+
+
+def reporting_selection(select):
+    """vLLM's V4 attention-class choice, unchanged, with a warning when it is a class our
+    adapters are not in (SM12x's default, or ``--attention-backend FLASHINFER_MLA_SPARSE_DSV4``):
+    the startup line above must not be the last word there."""
+    @functools.wraps(select)
+    def selected(vllm_config):
+        cls = select(vllm_config)
+        if cls.__name__ != _CUDA_OURS and cls.__name__ not in _warned_classes:
+            _warned_classes.add(cls.__name__)
+            logger.warning("vllm-mla-backend: DeepSeek V4 layers use vLLM's %s here (SM12x "
+                           "default or an explicit --attention-backend), not our kernels: "
+                           "those serve %s (--attention-backend FLASHMLA_SPARSE_DSV4)",
+                           cls.__name__, _CUDA_OURS)
+        return cls
+    return selected
+
+
+_warned_classes: set[str] = set()
 
 
 def uninstall() -> None:

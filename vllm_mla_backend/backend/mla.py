@@ -218,7 +218,19 @@ class MLADecodeMetadata(MLACommonDecodeMetadata):
     workspace: torch.Tensor | None = None
 
 
-class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
+class ReferenceModeGraphs:
+    """Builder mixin: ``VLLM_MLA_BACKEND=reference`` declares no CUDA-graph support (the
+    reference ops gather the blocks a batch uses, a data-dependent shape and a host sync), so
+    vLLM runs attention outside its graphs instead of failing to capture them."""
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if kernel_impl() == "reference":
+            return AttentionCGSupport.NEVER
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
+
+class MLAMetadataBuilder(ReferenceModeGraphs, MLACommonMetadataBuilder[MLACommonMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
     query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.UNIFORM
 
@@ -269,6 +281,7 @@ class MLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
 
 class MLAImpl(MLACommonImpl[MLACommonMetadata]):
     can_return_lse_for_decode: bool = False
+    supports_pcp: bool = False      # prefill context parallelism: the selector then says so
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,

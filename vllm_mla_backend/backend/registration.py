@@ -5,10 +5,11 @@ times: it is idempotent, builds no kernel and imports only vLLM's registry and p
 
 ``VLLM_MLA_BACKEND``:
   unset, ``0``, ``off``      register our backend as ``AttentionBackendEnum.CUSTOM`` only;
-  ``1``, ``on``, ``auto``    also take over the MLA slots vLLM's selector picks (CPU: CPU_MLA
-                             and AMX_MLA; CUDA: the dense MLA priority list and, for V3.2,
-                             FLASHMLA_SPARSE) and DeepSeek V4's attention (backend/deepseek_v4.py),
-                             native kernels;
+  ``1``, ``on``, ``auto``    also serve the MLA layers vLLM's selector would give its own
+                             backends (CPU: the CPU_MLA and AMX_MLA slots; CUDA: every MLA
+                             layer, dense or V3.2 sparse, our backend validates, by
+                             cuda_selection.py) and DeepSeek V4's attention
+                             (backend/deepseek_v4.py), native kernels;
   ``reference``              as ``1`` with the torch reference ops (debugging, slow).
 """
 
@@ -34,14 +35,9 @@ BLOCK_SIZE_MULTIPLE = 16
 # vLLM releases this plugin was tested with, per build flavour: (major, minor).
 TESTED_VERSIONS = {"cpu": (0, 32), "cuda": (0, 33)}
 
-# Dense MLA slots of the CUDA selector's priority lists (vllm/platforms/cuda.py).  Sparse slots
-# (V3.2 / V4) are not ours to take here.
-CUDA_DENSE_MLA_SLOTS = ("FLASHINFER_MLA", "TOKENSPEED_MLA", "CUTLASS_MLA", "FLASH_ATTN_MLA",
-                        "FLASHMLA", "TRITON_MLA")
+# The CPU platform picks one of these for every MLA model and validates nothing: we take both.
+# (CUDA validates each candidate: there we wrap the selection instead, cuda_selection.py.)
 CPU_MLA_SLOTS = ("CPU_MLA", "AMX_MLA")
-# DeepSeek V3.2 on CUDA (backend/sparse_v32.py); registered by path: importing it here would pull
-# vLLM's sparse MLA modules into every process.
-CUDA_SPARSE_SLOTS = {"FLASHMLA_SPARSE": "vllm_mla_backend.backend.sparse_v32.MLASparseBackend"}
 
 _registered_mode: str | None = None
 
@@ -127,19 +123,15 @@ def register() -> None:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            slots = CPU_MLA_SLOTS
+            for name in CPU_MLA_SLOTS:
+                register_backend(AttentionBackendEnum[name], BACKEND_PATH)
         elif current_platform.is_cuda():
-            slots = CUDA_DENSE_MLA_SLOTS
+            from . import cuda_selection
+
+            cuda_selection.install(type(current_platform))
         else:
             raise RuntimeError(f"{ENV_VAR}={os.environ.get(ENV_VAR)}: vllm-mla-backend runs on "
                                f"CPU and CUDA, not on {current_platform.device_name}")
-        for name in slots:
-            if name in AttentionBackendEnum.__members__:
-                register_backend(AttentionBackendEnum[name], BACKEND_PATH)
-        if current_platform.is_cuda():  # on CPU sparse_v32_cpu routes V3.2 (below)
-            for name, path in CUDA_SPARSE_SLOTS.items():
-                if name in AttentionBackendEnum.__members__:
-                    register_backend(AttentionBackendEnum[name], path)
         # DeepSeek V4 picks its attention inside the model: routed through our module lazily.
         deepseek_v4.register()
         from . import config_fixups, rope_fix
@@ -160,7 +152,6 @@ def _release_slots(enum) -> None:
     """Undo our overrides of vLLM's own slots (switching off within one process: tests)."""
     from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES
 
-    ours = {BACKEND_PATH, *CUDA_SPARSE_SLOTS.values()}
     for member in list(_ATTN_OVERRIDES):
-        if member is not enum.CUSTOM and _ATTN_OVERRIDES[member] in ours:
+        if member is not enum.CUSTOM and _ATTN_OVERRIDES[member] == BACKEND_PATH:
             member.clear_override()

@@ -1,8 +1,9 @@
-"""DeepSeek V3.2 (DSA sparse MLA) through our kernels: the ``FLASHMLA_SPARSE`` slot.
+"""DeepSeek V3.2 (DSA sparse MLA) through our kernels: ``MLASparseBackend``.
 
-V3.2 goes through vLLM's normal backend selection with ``use_sparse=True``; on CUDA the slot it
-picks is ``FLASHMLA_SPARSE`` (some of vLLM's code keys on that string, so our backend keeps the
-name).  ``install()`` points that enum member at ``MLASparseBackend``.
+V3.2 goes through vLLM's backend selection with ``use_sparse=True``; ours is chosen there by
+``cuda_selection`` (CUDA) or ``sparse_v32_cpu.install_selection`` (CPU).  It keeps the name
+``FLASHMLA_SPARSE``: vLLM keys on that string (the ``fp8`` -> ``fp8_ds_mla`` cache conversion,
+the flat-cache checks), and our layouts are FlashMLA's.
 
 Everything a V3.2 layer attends goes through one ``ops.mla_sparse_decode`` call per layer and step:
 every token of the batch (decode, spec-verify or prefill) is a query row with its own top-k list
@@ -88,18 +89,8 @@ def sparse_mqa(q: torch.Tensor, cache: torch.Tensor, topk: torch.Tensor,
     return out.squeeze(1)
 
 
-def install() -> None:
-    """Point vLLM's FLASHMLA_SPARSE slot at our backend (idempotent).  The registry stores the
-    class path only; vLLM imports this module when a V3.2 model selects the slot."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if SLOT_NAME not in AttentionBackendEnum.__members__:
-        raise RuntimeError(f"vllm-mla-backend: this vLLM has no {SLOT_NAME} backend slot")
-    register_backend(AttentionBackendEnum[SLOT_NAME], BACKEND_PATH)
-
-
 # ------------------------------------------------------------------------------------------
-# vLLM classes (imported only when vLLM loads this module through the slot)
+# vLLM classes (imported only when a V3.2 layer selects our backend)
 # ------------------------------------------------------------------------------------------
 from vllm.model_executor.layers.attention.sparse_mla_attention import (  # noqa: E402
     SparseMLACommonImpl,
@@ -108,13 +99,19 @@ from vllm.model_executor.layers.attention.sparse_mla_attention import (  # noqa:
 )
 from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
 from vllm.v1.attention.backends.mla.flashmla_sparse import FlashMLASparseBackend  # noqa: E402
+from vllm.v1.attention.backends.mla.index_group import HiSparseMLAIndexGroup  # noqa: E402
+from vllm.v1.attention.backends.mla.sparse_utils import align_blocks_to_rows  # noqa: E402
+from vllm.v1.kv_cache_interface import KVQuantMode  # noqa: E402
+
+from .mla import ReferenceModeGraphs  # noqa: E402
 
 
 class MLASparseMetadata(SparseMLACommonMetadata):
     """vLLM's sparse MLA metadata; the kernel needs nothing beyond it."""
 
 
-class MLASparseMetadataBuilder(SparseMLACommonMetadataBuilder[MLASparseMetadata]):
+class MLASparseMetadataBuilder(ReferenceModeGraphs,
+                               SparseMLACommonMetadataBuilder[MLASparseMetadata]):
     metadata_cls = MLASparseMetadata
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
@@ -163,7 +160,7 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
 
     supports_dense_mha_prefill = False
     can_return_lse_for_decode = False
-    supports_dcp = False
+    supports_dcp = supports_pcp = False     # (context parallelism: the selector then says so)
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
@@ -186,6 +183,9 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
                          topk_indices_buffer=topk_indices_buffer, **mla_args)
         if self.topk_indices_buffer is None:
             raise ValueError("DeepSeek V3.2 sparse MLA needs the indexer's topk_indices_buffer")
+        if isinstance(self.index_group, HiSparseMLAIndexGroup):
+            raise NotImplementedError("vllm-mla-backend does not support HiSparse offloading: "
+                                      "unset VLLM_MLA_BACKEND to run it with vLLM's backend")
         self.supports_quant_query_input = False     # q stays in the model dtype
         self.softmax_scale = scale
 
@@ -199,12 +199,8 @@ class MLASparseImpl(SparseMLACommonImpl[MLASparseMetadata]):
         ops.write_kv(kv_cache, kv_c_normed, k_pe, slot_mapping, self.layout, impl=kernel_impl())
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
-        from vllm.v1.attention.backends.mla.index_group import HiSparseMLAIndexGroup
-
         from .registration import kernel_impl
 
-        if isinstance(self.index_group, HiSparseMLAIndexGroup):
-            raise NotImplementedError("vllm-mla-backend does not support HiSparse offloading")
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         num_tokens = q.shape[0]
@@ -242,7 +238,11 @@ class MLASparseBackend(FlashMLASparseBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        return spec                               # any block stride: the kernels take stride(0)
+        # Our kernels take any block stride; vLLM does not: with a 16-bit cache it views the
+        # cache as flat 576-element rows (its top-k -> slot conversion kernel, warmed up when the
+        # cache is bound, asserts the stride is whole rows), so keep its row alignment there.
+        # The fp8 caches need none of its 64-token page alignment (that is FlashMLA's kernel).
+        return spec if spec.kv_quant_mode != KVQuantMode.NONE else align_blocks_to_rows(spec)
 
     @classmethod
     def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
