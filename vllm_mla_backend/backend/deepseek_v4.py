@@ -58,6 +58,7 @@ _CUDA_OURS = "DeepseekV4FlashMLAAttention"
 
 _saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
 _registry_saved: dict[str, object] = {}        # architecture -> vLLM's ModelRegistry entry
+_warned_classes: set[str] = set()              # V4 attention classes reported as not ours
 V4_ARCHITECTURES = ("DeepseekV4ForCausalLM",)
 
 
@@ -143,9 +144,6 @@ def reporting_selection(select):
                            cls.__name__, _CUDA_OURS)
         return cls
     return selected
-
-
-_warned_classes: set[str] = set()
 
 
 def uninstall() -> None:
