@@ -153,6 +153,11 @@ def test_register_on_cuda_selects_ours_where_it_validates_the_layer(fresh_regist
         assert "--attention-backend FLASHMLA" in caplog.text
         FakeCuda.capability = DeviceCapability(7, 5)
         assert select() == "vllm.own.Backend"
+        FakeCuda.capability = DeviceCapability(9, 0)
+        with monkeypatch.context() as m:    # ours cannot load: vLLM's backends, the error said
+            m.setattr(cuda_selection, "BACKEND_PATH", "vllm_mla_backend.backend.no_such_module.B")
+            assert select() == "vllm.own.Backend"
+        assert "no_such_module" in caplog.text
         FakeCuda.capability = DeviceCapability(12, 0)
         assert select() == registration.BACKEND_PATH
     monkeypatch.setenv(registration.ENV_VAR, "off")

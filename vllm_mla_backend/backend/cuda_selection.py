@@ -43,8 +43,11 @@ def our_backend_for(platform_cls, selected_backend, attn_selector_config) -> str
     path = BACKEND_PATH
     if config.use_sparse:   # DeepSeek V3.2 (imported only then: it pulls vLLM's sparse modules)
         from .sparse_v32 import BACKEND_PATH as path
-    reasons = resolve_obj_by_qualname(path).validate_configuration(
-        device_capability=platform_cls.get_device_capability(), **config._asdict())
+    try:
+        reasons = resolve_obj_by_qualname(path).validate_configuration(
+            device_capability=platform_cls.get_device_capability(), **config._asdict())
+    except (ImportError, OSError) as e:   # as vLLM's selector treats its own backends
+        reasons = [f"{type(e).__name__}: {e}"]
     if reasons:
         _report_once("vllm-mla-backend cannot serve this %s MLA layer (%s); vLLM selects its "
                      "own backend for it", "sparse" if config.use_sparse else "dense",
