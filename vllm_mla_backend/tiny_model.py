@@ -51,6 +51,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+# DeepSeek V3 / R1's released rope_scaling: YaRN over a 4k original context, and mscale_all_dim
+# scales the softmax by yarn_mscale(40)^2 = 1.874 (every real V2 / V3 config has such a block).
+YARN_ROPE = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN_MAX_POSITIONS = 163840
+
 ATTENTION_SCORE_STD = 3.0   # std of q.k / sqrt(d_qk) at initialisation
 LOGIT_STD = 6.0             # std of the output logits at initialisation
 
@@ -62,6 +68,7 @@ class TinyModelSpec:
     seed: int = 0
     vocab_target: int = 1024
     index_topk: int | None = None   # set: DeepSeek V3.2 (a DSA indexer per layer, this top-k)
+    yarn: bool | None = None        # True: DeepSeek V3's YaRN RoPE scaling (see YARN_ROPE)
 
     def __post_init__(self):
         if not 1 <= self.layers <= 8:
@@ -84,6 +91,7 @@ class TinyModelSpec:
     def name(self) -> str:
         kind = "moe" if self.moe else "dense"
         arch = "dsv3" if self.index_topk is None else f"dsv32-top{self.index_topk}"
+        arch += "-yarn" if self.yarn else ""
         return f"tiny-{arch}-{kind}-l{self.layers}-s{self.seed}-{self.digest()}"
 
     def config(self, vocab_size: int, bos_id: int, eos_id: int):
@@ -93,6 +101,8 @@ class TinyModelSpec:
             # index scores (sums of per-head ReLUs) are almost never tied at zero
             index_topk=self.index_topk, index_n_heads=16, index_head_dim=128,
             architectures=["DeepseekV32ForCausalLM"])
+        yarn = {} if not self.yarn else dict(rope_scaling=dict(YARN_ROPE),
+                                             max_position_embeddings=YARN_MAX_POSITIONS)
         return (DeepseekV3Config if self.index_topk is None else DeepseekV32Config)(**{**dict(
             vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
             num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
@@ -108,7 +118,7 @@ class TinyModelSpec:
             architectures=["DeepseekV3ForCausalLM"], dtype="float32",
             # vLLM reads these two (the real DeepSeek-V3 config has them); HF always routes so.
             scoring_func="sigmoid", topk_method="noaux_tc",
-        ), **v32})
+        ), **v32, **yarn})
 
 
 def default_out_dir(spec: TinyModelSpec) -> Path:
@@ -117,9 +127,10 @@ def default_out_dir(spec: TinyModelSpec) -> Path:
 
 
 def build_tiny_model(out: str | os.PathLike | None = None, *, layers: int = 2, moe: bool = False,
-                     seed: int = 0, index_topk: int | None = None) -> Path:
+                     seed: int = 0, index_topk: int | None = None, yarn: bool = False) -> Path:
     """Write the checkpoint for this spec into ``out`` (default: the cache) unless it is there."""
-    spec = TinyModelSpec(layers=layers, moe=moe, seed=seed, index_topk=index_topk)
+    spec = TinyModelSpec(layers=layers, moe=moe, seed=seed, index_topk=index_topk,
+                         yarn=yarn or None)
     out = Path(out) if out is not None else default_out_dir(spec)
     stamp = out / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == spec.digest():

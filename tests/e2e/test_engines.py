@@ -134,6 +134,26 @@ def test_mha_prefill_matches_hf(dtype, kv_cache_dtype, tiny_dense, dense_vocab, 
         assert cmp.max_abs <= bound["max"] and cmp.mean_abs <= bound["mean"], cmp.summary()
 
 
+@pytest.mark.parametrize("prefill", ["latent", "mha"])
+def test_yarn_rope_scaling_matches_hf(prefill, waves):
+    """DeepSeek V3's released RoPE scaling (YaRN, factor 40; ``mscale_all_dim`` multiplies the
+    softmax scale by 1.874): the scale vLLM hands the impl must reach the prefill (each path)
+    and the decode, as HF applies it.  The default-scale model above cannot tell: the kernels'
+    own default is the same d_qk^-0.5."""
+    from e2e_support import HFReference
+
+    from vllm_mla_backend.tiny_model import build_tiny_model
+    model = build_tiny_model(layers=2, yarn=True)
+    result = run_engine(model, backend="1", waves=waves, env={"VLLM_MLA_PREFILL": prefill},
+                        llm=engine_kwargs("float32", enforce_eager=True))
+    assert served_by_us(result), result["backends"]
+    _assert_cache_features_used(waves, result)
+    cmp = compare_to_hf(HFReference(model), flat_requests(waves, result))
+    print(f"\nfloat32, YaRN scaling, {prefill} prefill, ours vs HF: {cmp.summary()}")
+    assert cmp.max_abs <= FP32_BOUND, cmp.summary()
+    assert not cmp.argmax_mismatches, cmp.argmax_mismatches
+
+
 def test_invalid_prefill_mode_fails_at_startup(tiny_dense):
     with pytest.raises(EngineFailed) as failure:
         run_engine(tiny_dense, backend="1", env={"VLLM_MLA_PREFILL": "fast"},
