@@ -6,7 +6,9 @@ a vocabulary of about 1000 byte-level BPE tokens trained here on a text shipped 
 ``--moe`` makes every layer after the first a routed-expert layer (4 experts, top 2, sigmoid
 router with a correction bias: DeepSeek-V3's ``noaux_tc`` routing), so vLLM's fused MoE path runs.
 ``--index-topk K`` makes it DeepSeek V3.2 (``DeepseekV32ForCausalLM``): every layer gets a DSA
-indexer (16 heads of 128, V3.2's head size) that picks K tokens per query.
+indexer (16 heads of 128, V3.2's head size) that picks K tokens per query.  ``--yarn`` adds
+DeepSeek V3's released RoPE scaling (YaRN; it also scales the softmax); ``--v2-lite`` builds
+``DeepseekV2ForCausalLM`` as DeepSeek-V2-Lite (q without LoRA, its YaRN block), dense layers.
 
 Weights are drawn per tensor from a generator seeded by (seed, tensor name): the same spec gives
 the same bytes on every machine.  Plain ``std=0.02`` initialisation makes attention nearly uniform
@@ -56,6 +58,8 @@ CHAT_TEMPLATE = (
 YARN_ROPE = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 YARN_MAX_POSITIONS = 163840
+# DeepSeek-V2-Lite's: the same YaRN with mscale 0.707 (softmax scale x yarn_mscale(40, 0.707)^2)
+V2_LITE_ROPE = {**YARN_ROPE, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 ATTENTION_SCORE_STD = 3.0   # std of q.k / sqrt(d_qk) at initialisation
 LOGIT_STD = 6.0             # std of the output logits at initialisation
@@ -69,12 +73,16 @@ class TinyModelSpec:
     vocab_target: int = 1024
     index_topk: int | None = None   # set: DeepSeek V3.2 (a DSA indexer per layer, this top-k)
     yarn: bool | None = None        # True: DeepSeek V3's YaRN RoPE scaling (see YARN_ROPE)
+    v2_lite: bool | None = None     # True: DeepseekV2ForCausalLM as V2-Lite (no q LoRA, its YaRN)
 
     def __post_init__(self):
         if not 1 <= self.layers <= 8:
             raise ValueError(f"layers must be in [1, 8], got {self.layers}")
         if self.index_topk is not None and (self.index_topk < 64 or self.index_topk % 64):
             raise ValueError(f"index_topk must be a positive multiple of 64, got {self.index_topk}")
+        if self.v2_lite and (self.moe or self.index_topk is not None or self.yarn):
+            raise ValueError("v2_lite is dense, with its own RoPE scaling: no moe / index_topk / "
+                             "yarn")
         if self.moe and self.layers < 2:
             raise ValueError("moe needs layers >= 2 (layer 0 stays dense, as in DeepSeek-V3)")
 
@@ -91,7 +99,7 @@ class TinyModelSpec:
     def name(self) -> str:
         kind = "moe" if self.moe else "dense"
         arch = "dsv3" if self.index_topk is None else f"dsv32-top{self.index_topk}"
-        arch += "-yarn" if self.yarn else ""
+        arch = "dsv2lite" if self.v2_lite else arch + ("-yarn" if self.yarn else "")
         return f"tiny-{arch}-{kind}-l{self.layers}-s{self.seed}-{self.digest()}"
 
     def config(self, vocab_size: int, bos_id: int, eos_id: int):
@@ -103,6 +111,8 @@ class TinyModelSpec:
             architectures=["DeepseekV32ForCausalLM"])
         yarn = {} if not self.yarn else dict(rope_scaling=dict(YARN_ROPE),
                                              max_position_embeddings=YARN_MAX_POSITIONS)
+        if self.v2_lite:
+            return self._v2_lite_config(vocab_size, bos_id, eos_id)
         return (DeepseekV3Config if self.index_topk is None else DeepseekV32Config)(**{**dict(
             vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
             num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
@@ -120,6 +130,20 @@ class TinyModelSpec:
             scoring_func="sigmoid", topk_method="noaux_tc",
         ), **v32, **yarn})
 
+    def _v2_lite_config(self, vocab_size: int, bos_id: int, eos_id: int):
+        """DeepSeek-V2-Lite's attention at the same tiny size: q straight from the hidden state
+        (``q_proj``, no LoRA), its YaRN block; dense layers only."""
+        from transformers import DeepseekV2Config
+        return DeepseekV2Config(
+            vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+            num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+            v_head_dim=128, head_dim=64, first_k_dense_replace=self.layers,
+            rope_scaling=dict(V2_LITE_ROPE), max_position_embeddings=YARN_MAX_POSITIONS,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=bos_id,
+            eos_token_id=eos_id, pad_token_id=None, architectures=["DeepseekV2ForCausalLM"],
+            dtype="float32", topk_method="greedy")
+
 
 def default_out_dir(spec: TinyModelSpec) -> Path:
     from .build import cache_root
@@ -127,10 +151,11 @@ def default_out_dir(spec: TinyModelSpec) -> Path:
 
 
 def build_tiny_model(out: str | os.PathLike | None = None, *, layers: int = 2, moe: bool = False,
-                     seed: int = 0, index_topk: int | None = None, yarn: bool = False) -> Path:
+                     seed: int = 0, index_topk: int | None = None, yarn: bool = False,
+                     v2_lite: bool = False) -> Path:
     """Write the checkpoint for this spec into ``out`` (default: the cache) unless it is there."""
     spec = TinyModelSpec(layers=layers, moe=moe, seed=seed, index_topk=index_topk,
-                         yarn=yarn or None)
+                         yarn=yarn or None, v2_lite=v2_lite or None)
     out = Path(out) if out is not None else default_out_dir(spec)
     stamp = out / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == spec.digest():
@@ -191,7 +216,8 @@ def _gain(name: str, config) -> float:
     """Multiplier on 1/sqrt(fan_in) for a weight, chosen from the variances it feeds."""
     # q, k_nope and k_pe (and v) get variance S, so q.k / sqrt(d_qk) has std S.  Their inputs
     # have unit variance (q_a / kv_a layernorms; the k_pe input is the normed hidden state).
-    if name.endswith(("q_b_proj.weight", "kv_b_proj.weight", "kv_a_proj_with_mqa.weight",
+    if name.endswith(("q_b_proj.weight", "self_attn.q_proj.weight", "kv_b_proj.weight",
+                      "kv_a_proj_with_mqa.weight",
                       "indexer.wq_b.weight", "indexer.wk.weight")):
         return math.sqrt(ATTENTION_SCORE_STD)
     if name == "lm_head.weight":
@@ -230,9 +256,10 @@ def _unfused_expert_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.
 
 def _write_weights(path: Path, config, seed: int) -> None:
     from safetensors.torch import save_file
-    from transformers import DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
-    model_cls = DeepseekV32ForCausalLM if config.model_type == "deepseek_v32" else DeepseekV3ForCausalLM
+    model_cls = {"deepseek_v32": DeepseekV32ForCausalLM,
+                 "deepseek_v2": DeepseekV2ForCausalLM}.get(config.model_type, DeepseekV3ForCausalLM)
     with torch.device("meta"):
         shapes = {n: t.shape for n, t in model_cls(config).state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
@@ -256,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--index-topk", type=int, default=None,
                         help="DeepSeek V3.2 architecture: a DSA indexer with this top-k")
+    parser.add_argument("--yarn", action="store_true", help="DeepSeek V3's YaRN RoPE scaling")
+    parser.add_argument("--v2-lite", action="store_true",
+                        help="DeepseekV2ForCausalLM as DeepSeek-V2-Lite (dense layers)")
     args = parser.parse_args(argv)
     print(build_tiny_model(args.out, layers=args.layers, moe=args.moe, seed=args.seed,
-                           index_topk=args.index_topk))
+                           index_topk=args.index_topk, yarn=args.yarn, v2_lite=args.v2_lite))
     return 0
 
 

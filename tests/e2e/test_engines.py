@@ -134,22 +134,25 @@ def test_mha_prefill_matches_hf(dtype, kv_cache_dtype, tiny_dense, dense_vocab, 
         assert cmp.max_abs <= bound["max"] and cmp.mean_abs <= bound["mean"], cmp.summary()
 
 
-@pytest.mark.parametrize("prefill", ["latent", "mha"])
-def test_yarn_rope_scaling_matches_hf(prefill, waves):
-    """DeepSeek V3's released RoPE scaling (YaRN, factor 40; ``mscale_all_dim`` multiplies the
-    softmax scale by 1.874): the scale vLLM hands the impl must reach the prefill (each path)
-    and the decode, as HF applies it.  The default-scale model above cannot tell: the kernels'
-    own default is the same d_qk^-0.5."""
+@pytest.mark.parametrize("variant, prefill", [("yarn", "latent"), ("yarn", "mha"),
+                                              ("v2_lite", "auto")])
+def test_released_config_variants_match_hf(variant, prefill, waves):
+    """Config features of released checkpoints the default tiny model lacks, float32 against HF:
+    ``yarn``: DeepSeek V3's RoPE scaling (YaRN, factor 40; ``mscale_all_dim`` multiplies the
+    softmax scale by 1.874), whose scale must reach each prefill path and the decode as HF
+    applies it (the default model cannot tell: its scale is the kernels' own default);
+    ``v2_lite``: ``DeepseekV2ForCausalLM`` as DeepSeek-V2-Lite (q without LoRA, its YaRN with
+    mscale 0.707)."""
     from e2e_support import HFReference
 
     from vllm_mla_backend.tiny_model import build_tiny_model
-    model = build_tiny_model(layers=2, yarn=True)
+    model = build_tiny_model(layers=2, **{variant: True})
     result = run_engine(model, backend="1", waves=waves, env={"VLLM_MLA_PREFILL": prefill},
                         llm=engine_kwargs("float32", enforce_eager=True))
     assert served_by_us(result), result["backends"]
     _assert_cache_features_used(waves, result)
     cmp = compare_to_hf(HFReference(model), flat_requests(waves, result))
-    print(f"\nfloat32, YaRN scaling, {prefill} prefill, ours vs HF: {cmp.summary()}")
+    print(f"\nfloat32, {variant}, {prefill} prefill, ours vs HF: {cmp.summary()}")
     assert cmp.max_abs <= FP32_BOUND, cmp.summary()
     assert not cmp.argmax_mismatches, cmp.argmax_mismatches
 
