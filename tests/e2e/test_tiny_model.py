@@ -42,6 +42,9 @@ def test_bad_specs_rejected():
         TinyModelSpec(layers=0)
     with pytest.raises(ValueError, match="moe"):
         TinyModelSpec(layers=1, moe=True)
+    for other in ({"moe": True}, {"index_topk": 64}, {"yarn": True}):
+        with pytest.raises(ValueError, match="v2_lite"):
+            TinyModelSpec(v2_lite=True, **other)
 
 
 def test_checkpoint_layout(moe_dir):
