@@ -103,7 +103,20 @@ class TinyModelSpec:
         return f"tiny-{arch}-{kind}-l{self.layers}-s{self.seed}-{self.digest()}"
 
     def config(self, vocab_size: int, bos_id: int, eos_id: int):
-        from transformers import DeepseekV3Config, DeepseekV32Config
+        from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config
+        # DeepSeek's MLA geometry at a tiny hidden size, shared by every variant
+        mla = dict(
+            vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+            num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+            v_head_dim=128, head_dim=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None, dtype="float32")
+        if self.v2_lite:
+            # q straight from the hidden state (``q_proj``, no LoRA), its YaRN; dense layers
+            return DeepseekV2Config(**{**mla, **dict(
+                q_lora_rank=None, first_k_dense_replace=self.layers,
+                rope_scaling=dict(V2_LITE_ROPE), max_position_embeddings=YARN_MAX_POSITIONS,
+                architectures=["DeepseekV2ForCausalLM"], topk_method="greedy")})
         v32 = {} if self.index_topk is None else dict(
             # the indexer at DeepSeek V3.2's head size (vLLM's kernels need 128); 16 heads, so that
             # index scores (sums of per-head ReLUs) are almost never tied at zero
@@ -111,38 +124,17 @@ class TinyModelSpec:
             architectures=["DeepseekV32ForCausalLM"])
         yarn = {} if not self.yarn else dict(rope_scaling=dict(YARN_ROPE),
                                              max_position_embeddings=YARN_MAX_POSITIONS)
-        if self.v2_lite:
-            return self._v2_lite_config(vocab_size, bos_id, eos_id)
-        return (DeepseekV3Config if self.index_topk is None else DeepseekV32Config)(**{**dict(
-            vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
-            num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
-            v_head_dim=128, head_dim=64,
+        config_cls = DeepseekV3Config if self.index_topk is None else DeepseekV32Config
+        return config_cls(**{**mla, **dict(
             moe_intermediate_size=128, n_routed_experts=4, n_shared_experts=1,
             num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
             routed_scaling_factor=2.5,
             first_k_dense_replace=1 if self.moe else self.layers,
             num_nextn_predict_layers=0, max_position_embeddings=4096,
-            rms_norm_eps=1e-6, tie_word_embeddings=False,
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None,
-            architectures=["DeepseekV3ForCausalLM"], dtype="float32",
+            architectures=["DeepseekV3ForCausalLM"],
             # vLLM reads these two (the real DeepSeek-V3 config has them); HF always routes so.
             scoring_func="sigmoid", topk_method="noaux_tc",
         ), **v32, **yarn})
-
-    def _v2_lite_config(self, vocab_size: int, bos_id: int, eos_id: int):
-        """DeepSeek-V2-Lite's attention at the same tiny size: q straight from the hidden state
-        (``q_proj``, no LoRA), its YaRN block; dense layers only."""
-        from transformers import DeepseekV2Config
-        return DeepseekV2Config(
-            vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
-            num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
-            v_head_dim=128, head_dim=64, first_k_dense_replace=self.layers,
-            rope_scaling=dict(V2_LITE_ROPE), max_position_embeddings=YARN_MAX_POSITIONS,
-            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=bos_id,
-            eos_token_id=eos_id, pad_token_id=None, architectures=["DeepseekV2ForCausalLM"],
-            dtype="float32", topk_method="greedy")
 
 
 def default_out_dir(spec: TinyModelSpec) -> Path:
