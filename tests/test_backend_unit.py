@@ -125,7 +125,7 @@ def test_register_on_cuda_selects_ours_where_it_validates_the_layer(fresh_regist
     vllm.platforms.current_platform  # resolve the real one first, restored by monkeypatch
     monkeypatch.setattr(vllm.platforms, "_current_platform", FakeCuda())
     monkeypatch.setattr(registration, "installed_vllm", lambda: ("0.33.0", "cuda"))
-    monkeypatch.setattr(cuda_selection, "_reported", set())
+    monkeypatch.setattr(registration, "_warned", set())
     monkeypatch.setenv(registration.ENV_VAR, "1")
     registration.register()
     for name in ("TRITON_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHMLA_SPARSE", "CPU_MLA"):

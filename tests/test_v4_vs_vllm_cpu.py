@@ -240,14 +240,16 @@ def test_install_patches_per_build_and_rejects_other_versions(monkeypatch):
     assert cpu_model.DeepseekV4CPUAttention is cpu_original
 
 
-def test_cuda_v4_selection_warns_when_our_kernels_are_not_in_the_chosen_class(caplog):
+def test_cuda_v4_selection_warns_when_our_kernels_are_not_in_the_chosen_class(monkeypatch,
+                                                                              caplog):
     """SM12x's default or an explicit FlashInfer V4 backend picks a class without our adapters:
     vLLM's choice stands, and the log says our kernels are not serving V4."""
     flashmla_cls = type("DeepseekV4FlashMLAAttention", (), {})
     flashinfer_cls = type("DeepseekV4FlashInferSM120Attention", (), {})
     choice = {"cls": flashmla_cls}
     select = v4.reporting_selection(lambda vllm_config: choice["cls"])
-    v4._warned_classes.discard(flashinfer_cls.__name__)
+    from vllm_mla_backend.backend import registration
+    monkeypatch.setattr(registration, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="vllm.plugins.vllm_mla_backend"):
         assert select(None) is flashmla_cls
         assert not caplog.records

@@ -14,18 +14,10 @@ one log line saying why ours stepped aside.
 
 from __future__ import annotations
 
-from .registration import BACKEND_PATH, current_mode, logger
+from .registration import BACKEND_PATH, current_mode, warn_once
 
 OURS = ("CUSTOM",)            # an explicit --attention-backend that names our backend
 _MARK = "_vllm_mla_backend_selection"
-_reported: set[str] = set()
-
-
-def _report_once(message: str, *args) -> None:
-    text = message % args
-    if text not in _reported:
-        _reported.add(text)
-        logger.warning("%s", text)
 
 
 def our_backend_for(platform_cls, selected_backend, attn_selector_config) -> str | None:
@@ -35,7 +27,7 @@ def our_backend_for(platform_cls, selected_backend, attn_selector_config) -> str
         return None
     if selected_backend is not None:
         if selected_backend.name not in OURS:
-            _report_once("vllm-mla-backend: --attention-backend %s was given; MLA layers use "
+            warn_once("vllm-mla-backend: --attention-backend %s was given; MLA layers use "
                          "it, not our kernels", selected_backend.name)
         return None
     from vllm.utils.import_utils import resolve_obj_by_qualname
@@ -49,7 +41,7 @@ def our_backend_for(platform_cls, selected_backend, attn_selector_config) -> str
     except (ImportError, OSError) as e:   # as vLLM's selector treats its own backends
         reasons = [f"{type(e).__name__}: {e}"]
     if reasons:
-        _report_once("vllm-mla-backend cannot serve this %s MLA layer (%s); vLLM selects its "
+        warn_once("vllm-mla-backend cannot serve this %s MLA layer (%s); vLLM selects its "
                      "own backend for it", "sparse" if config.use_sparse else "dense",
                      "; ".join(reasons))
         return None

@@ -58,7 +58,6 @@ _CUDA_OURS = "DeepseekV4FlashMLAAttention"
 
 _saved: dict[tuple[str, str], object] = {}     # (module, name) -> vLLM's original
 _registry_saved: dict[str, object] = {}        # architecture -> vLLM's ModelRegistry entry
-_warned_classes: set[str] = set()              # V4 attention classes reported as not ours
 V4_ARCHITECTURES = ("DeepseekV4ForCausalLM",)
 
 
@@ -136,12 +135,11 @@ def reporting_selection(select):
     @functools.wraps(select)
     def selected(vllm_config):
         cls = select(vllm_config)
-        if cls.__name__ != _CUDA_OURS and cls.__name__ not in _warned_classes:
-            _warned_classes.add(cls.__name__)
-            logger.warning("vllm-mla-backend: DeepSeek V4 layers use vLLM's %s here (SM12x "
-                           "default or an explicit --attention-backend), not our kernels: "
-                           "those serve %s (--attention-backend FLASHMLA_SPARSE_DSV4)",
-                           cls.__name__, _CUDA_OURS)
+        if cls.__name__ != _CUDA_OURS:
+            from .registration import warn_once
+            warn_once("vllm-mla-backend: DeepSeek V4 layers use vLLM's %s here (SM12x default or "
+                      "an explicit --attention-backend), not our kernels: those serve %s "
+                      "(--attention-backend FLASHMLA_SPARSE_DSV4)", cls.__name__, _CUDA_OURS)
         return cls
     return selected
 

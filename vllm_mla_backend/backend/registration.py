@@ -40,6 +40,15 @@ TESTED_VERSIONS = {"cpu": (0, 32), "cuda": (0, 33)}
 CPU_MLA_SLOTS = ("CPU_MLA", "AMX_MLA")
 
 _registered_mode: str | None = None
+_warned: set[str] = set()
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning logged once per process per distinct text (selection runs per layer)."""
+    text = message % args
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning("%s", text)
 
 
 def parse_mode(value: str | None) -> str:
