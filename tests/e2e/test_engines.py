@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from e2e_support import (CHUNK_TOKENS, LONG_CHUNK_TOKENS, EngineFailed, chunked_prefix_waves,
-                         compare_to_hf, engine_kwargs, flat_requests, long_prefill_waves,
-                         run_engine, served_by_us)
+from e2e_support import (CHUNK_TOKENS, LONG_CHUNK_TOKENS, EngineFailed, HFReference,
+                         chunked_prefix_waves, compare_to_hf, engine_kwargs, flat_requests,
+                         long_prefill_waves, run_engine, served_by_us)
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +143,6 @@ def test_released_config_variants_match_hf(variant, prefill, waves):
     applies it (the default model cannot tell: its scale is the kernels' own default);
     ``v2_lite``: ``DeepseekV2ForCausalLM`` as DeepSeek-V2-Lite (q without LoRA, its YaRN with
     mscale 0.707)."""
-    from e2e_support import HFReference
-
     from vllm_mla_backend.tiny_model import build_tiny_model
     model = build_tiny_model(layers=2, **{variant: True})
     result = run_engine(model, backend="1", waves=waves, env={"VLLM_MLA_PREFILL": prefill},
